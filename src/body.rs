@@ -1,0 +1,234 @@
+//! The request and response body types of [`Idempotency`](crate::Idempotency).
+
+use std::{
+    fmt,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
+
+use crate::store::BoxError;
+
+pin_project! {
+    /// The request body the inner service receives: the buffered body of a
+    /// request with a key, or the untouched body of any other request.
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: RequestKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = RequestProj]
+    enum RequestKind<B> {
+        Buffered { data: Option<Bytes> },
+        Streaming { #[pin] body: B },
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn buffered(data: Bytes) -> Self {
+        Self {
+            kind: RequestKind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+
+    pub(crate) fn streaming(body: B) -> Self {
+        Self {
+            kind: RequestKind::Streaming { body },
+        }
+    }
+}
+
+impl<B> fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.kind {
+            RequestKind::Buffered { data } => f
+                .debug_struct("RequestBody::Buffered")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+            RequestKind::Streaming { .. } => f.write_str("RequestBody::Streaming"),
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.project().kind.project() {
+            RequestProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            RequestProj::Streaming { body } => poll_mapped(body, cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            RequestKind::Buffered { data } => data.is_none(),
+            RequestKind::Streaming { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            RequestKind::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, Bytes::len) as u64)
+            }
+            RequestKind::Streaming { body } => body.size_hint(),
+        }
+    }
+}
+
+/// One message from the task that drives a first-use request to the body
+/// the client reads.
+pub(crate) enum Chunk {
+    Frame(Frame<Bytes>),
+    Error(BoxError),
+    End,
+}
+
+pin_project! {
+    /// The response body: the inner service's body, streamed while it is
+    /// captured on first use, a replayed or problem body, or the untouched
+    /// body of a pass-through.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: ResponseKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ResponseProj]
+    enum ResponseKind<B> {
+        Inner { #[pin] body: B },
+        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        Channel { rx: mpsc::Receiver<Chunk>, hint: SizeHint, ended: bool },
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self {
+            kind: ResponseKind::Inner { body },
+        }
+    }
+
+    pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self {
+            kind: ResponseKind::Full {
+                data: (!data.is_empty()).then_some(data),
+                trailers,
+            },
+        }
+    }
+
+    pub(crate) fn channel(rx: mpsc::Receiver<Chunk>, hint: SizeHint) -> Self {
+        Self {
+            kind: ResponseKind::Channel {
+                rx,
+                hint,
+                ended: false,
+            },
+        }
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match &self.kind {
+            ResponseKind::Inner { .. } => "ResponseBody::Inner",
+            ResponseKind::Full { .. } => "ResponseBody::Full",
+            ResponseKind::Channel { .. } => "ResponseBody::Streaming",
+        })
+    }
+}
+
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match self.project().kind.project() {
+            ResponseProj::Inner { body } => poll_mapped(body, cx),
+            ResponseProj::Full { data, trailers } => Poll::Ready(match data.take() {
+                Some(data) => Some(Ok(Frame::data(data))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+            }),
+            ResponseProj::Channel { rx, ended, .. } => {
+                if *ended {
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(match ready!(rx.poll_recv(cx)) {
+                    Some(Chunk::Frame(frame)) => Some(Ok(frame)),
+                    Some(Chunk::Error(err)) => {
+                        *ended = true;
+                        Some(Err(err))
+                    }
+                    Some(Chunk::End) => {
+                        *ended = true;
+                        None
+                    }
+                    None => {
+                        *ended = true;
+                        Some(Err("the response stream ended abnormally".into()))
+                    }
+                })
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.is_end_stream(),
+            ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            ResponseKind::Channel { ended, .. } => *ended,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ResponseKind::Inner { body } => body.size_hint(),
+            ResponseKind::Full { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, Bytes::len) as u64)
+            }
+            ResponseKind::Channel { hint, .. } => hint.clone(),
+        }
+    }
+}
+
+fn poll_mapped<B>(
+    body: Pin<&mut B>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<Result<Frame<Bytes>, BoxError>>>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    Poll::Ready(match ready!(body.poll_frame(cx)) {
+        Some(Ok(frame)) => Some(Ok(frame.map_data(|mut d| d.copy_to_bytes(d.remaining())))),
+        Some(Err(err)) => Some(Err(err.into())),
+        None => None,
+    })
+}

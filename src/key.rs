@@ -1,0 +1,222 @@
+//! The `Idempotency-Key` header, the record key and the request fingerprint.
+
+use std::fmt;
+
+use http::{request, HeaderMap, HeaderName, HeaderValue};
+use sha2::{Digest, Sha256};
+
+/// The name of the request header that carries the key.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+
+/// The name of the response header set on every replayed response.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// The longest key accepted, in characters.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// Why an `Idempotency-Key` header was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The header was sent more than once.
+    #[error("the Idempotency-Key header was sent more than once")]
+    Repeated,
+    /// The key is empty.
+    #[error("the Idempotency-Key header is empty")]
+    Empty,
+    /// The key is longer than [`MAX_KEY_LEN`] characters.
+    #[error("the Idempotency-Key is longer than {MAX_KEY_LEN} characters")]
+    TooLong,
+    /// The key holds a character outside visible ASCII.
+    #[error("the Idempotency-Key may only hold visible ASCII characters")]
+    InvalidCharacter,
+    /// A quoted key is not a valid RFC 8941 string.
+    #[error("the quoted Idempotency-Key is not a valid structured-field string")]
+    MalformedString,
+}
+
+/// Reads the key from request headers.
+///
+/// Returns `Ok(None)` when there is no key. Both forms are accepted: a bare
+/// token (`Idempotency-Key: 8e03978e`) and the RFC 8941 string of the IETF
+/// draft (`Idempotency-Key: "8e03978e"`); both name the same key.
+///
+/// ```
+/// use http::HeaderMap;
+/// use tower_idempotency::key::{parse_key, KeyError};
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("idempotency-key", "\"abc-123\"".parse().unwrap());
+/// assert_eq!(parse_key(&headers), Ok(Some("abc-123".to_owned())));
+///
+/// headers.insert("idempotency-key", "".parse().unwrap());
+/// assert_eq!(parse_key(&headers), Err(KeyError::Empty));
+/// ```
+pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, KeyError> {
+    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    if values.next().is_some() {
+        return Err(KeyError::Repeated);
+    }
+    parse_value(value).map(Some)
+}
+
+fn parse_value(value: &HeaderValue) -> Result<String, KeyError> {
+    let raw = trim_ows(value.as_bytes());
+    let key = match raw {
+        [b'"', ..] => unquote(raw)?,
+        _ => {
+            if !raw.iter().all(|b| (0x21..=0x7e).contains(b)) {
+                return Err(KeyError::InvalidCharacter);
+            }
+            String::from_utf8(raw.to_vec()).map_err(|_| KeyError::InvalidCharacter)?
+        }
+    };
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(KeyError::TooLong);
+    }
+    if !key.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err(KeyError::InvalidCharacter);
+    }
+    Ok(key)
+}
+
+fn trim_ows(mut bytes: &[u8]) -> &[u8] {
+    while let [b' ' | b'\t', rest @ ..] = bytes {
+        bytes = rest;
+    }
+    while let [rest @ .., b' ' | b'\t'] = bytes {
+        bytes = rest;
+    }
+    bytes
+}
+
+/// RFC 8941 section 4.2.5: a string is DQUOTE, printable ASCII with `\"` and
+/// `\\` as the only escapes, DQUOTE, and nothing after it.
+fn unquote(raw: &[u8]) -> Result<String, KeyError> {
+    let mut out = String::with_capacity(raw.len());
+    let mut bytes = raw[1..].iter();
+    loop {
+        match bytes.next() {
+            None => return Err(KeyError::MalformedString),
+            Some(b'"') => break,
+            Some(b'\\') => match bytes.next() {
+                Some(&c @ (b'"' | b'\\')) => out.push(char::from(c)),
+                _ => return Err(KeyError::MalformedString),
+            },
+            Some(&c) if (0x20..=0x7e).contains(&c) => out.push(char::from(c)),
+            Some(_) => return Err(KeyError::InvalidCharacter),
+        }
+    }
+    if bytes.next().is_some() {
+        return Err(KeyError::MalformedString);
+    }
+    Ok(out)
+}
+
+/// Where a stored record lives: a SHA-256 digest of the scope and the key.
+///
+/// Neither the scope nor the key is kept in clear, and the same key in two
+/// scopes gives two unrelated record keys.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordKey([u8; 32]);
+
+impl RecordKey {
+    /// Derives the record key for `key` within `scope`.
+    pub fn new(scope: &[u8], key: &str) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"tower-idempotency/record/v1\0");
+        hasher.update((scope.len() as u64).to_be_bytes());
+        hasher.update(scope);
+        hasher.update(key.as_bytes());
+        Self(hasher.finalize().into())
+    }
+
+    /// Wraps a digest read back from a store.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The digest.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    /// The digest in lowercase hexadecimal, as remote stores name records.
+    pub fn to_hex(&self) -> String {
+        hex(&self.0)
+    }
+}
+
+impl fmt::Debug for RecordKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RecordKey({})", &self.to_hex()[..16])
+    }
+}
+
+/// A SHA-256 digest over what makes two requests "the same request".
+///
+/// It covers the method, the path and query, the chosen request headers and
+/// the body, each length-prefixed so no two different requests share an
+/// encoding.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// Fingerprints a request whose body has been buffered.
+    pub fn compute(parts: &request::Parts, headers: &[HeaderName], body: &[u8]) -> Self {
+        let mut hasher = Sha256::new();
+        hasher.update(b"tower-idempotency/fingerprint/v1\0");
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |pq| pq.as_str())
+            .as_bytes();
+        for field in [parts.method.as_str().as_bytes(), target] {
+            hasher.update((field.len() as u64).to_be_bytes());
+            hasher.update(field);
+        }
+        for name in headers {
+            let values = parts.headers.get_all(name);
+            hasher.update((values.iter().count() as u64).to_be_bytes());
+            for value in values {
+                hasher.update((value.len() as u64).to_be_bytes());
+                hasher.update(value.as_bytes());
+            }
+        }
+        hasher.update((body.len() as u64).to_be_bytes());
+        hasher.update(body);
+        Self(hasher.finalize().into())
+    }
+
+    /// Wraps a digest read back from a store.
+    pub const fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// The digest.
+    pub const fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Fingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Fingerprint({})", &hex(&self.0)[..16])
+    }
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(char::from(DIGITS[usize::from(b >> 4)]));
+        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    out
+}

@@ -1,0 +1,262 @@
+use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
+
+use http::{header, request, HeaderName, Method};
+use tower_layer::Layer;
+
+use crate::{
+    flow::Shared,
+    metrics::Metrics,
+    policy::{ClientDisconnect, InFlightPolicy, KeepPolicy, StoreFailure},
+    problem::DEFAULT_PROBLEM_BASE,
+    store::{MemoryStore, Store},
+    Idempotency,
+};
+
+type ScopeFn = Arc<dyn Fn(&request::Parts) -> Option<Vec<u8>> + Send + Sync>;
+
+/// Applies [`Idempotency`] to a service: requests with an `Idempotency-Key`
+/// header run once, and their retries get the stored response.
+///
+/// Every `with_*` method returns the changed layer. See the
+/// [crate docs](crate) for the behaviour and an example.
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    pub(crate) config: Config,
+    metrics: Metrics,
+}
+
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) methods: Vec<Method>,
+    pub(crate) key_required: bool,
+    pub(crate) body_limit: usize,
+    pub(crate) body_timeout: Duration,
+    pub(crate) response_limit: usize,
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
+    scope: Option<ScopeFn>,
+    pub(crate) ttl: Duration,
+    pub(crate) lease: Duration,
+    pub(crate) keep: KeepPolicy,
+    pub(crate) problem_base: Arc<str>,
+    pub(crate) on_disconnect: ClientDisconnect,
+    pub(crate) in_flight: InFlightPolicy,
+    pub(crate) store_failure: StoreFailure,
+    pub(crate) retry_after: Duration,
+}
+
+impl Config {
+    /// The scope of a request: by default its `Authorization` header, which
+    /// is hashed into the record key and never stored.
+    pub(crate) fn scope_of<'a>(&self, parts: &'a request::Parts) -> Cow<'a, [u8]> {
+        match &self.scope {
+            Some(scope) => Cow::Owned(scope(parts).unwrap_or_default()),
+            None => Cow::Borrowed(
+                parts
+                    .headers
+                    .get(header::AUTHORIZATION)
+                    .map_or(&[][..], |v| v.as_bytes()),
+            ),
+        }
+    }
+}
+
+impl Default for IdempotencyLayer {
+    /// A layer on a fresh [`MemoryStore`].
+    fn default() -> Self {
+        Self::new(MemoryStore::new())
+    }
+}
+
+impl IdempotencyLayer {
+    /// A layer on `store` with the default settings: POST and PATCH, key
+    /// optional, 1 MiB request and response limits, 30 s to read the body,
+    /// fingerprint over `content-type`, scope by `Authorization`, 24 h TTL,
+    /// 60 s lease, [`KeepPolicy::default`], 409 for duplicates in flight,
+    /// 503 when the store fails, and [`ClientDisconnect::Detach`].
+    pub fn new(store: impl Store) -> Self {
+        Self::with_shared_store(Arc::new(store))
+    }
+
+    /// A layer on a store already behind an `Arc`.
+    pub fn with_shared_store(store: Arc<dyn Store>) -> Self {
+        Self {
+            config: Config {
+                store,
+                methods: vec![Method::POST, Method::PATCH],
+                key_required: false,
+                body_limit: 1024 * 1024,
+                body_timeout: Duration::from_secs(30),
+                response_limit: 1024 * 1024,
+                fingerprint_headers: vec![header::CONTENT_TYPE],
+                scope: None,
+                ttl: Duration::from_secs(24 * 60 * 60),
+                lease: Duration::from_secs(60),
+                keep: KeepPolicy::default(),
+                problem_base: Arc::from(DEFAULT_PROBLEM_BASE),
+                on_disconnect: ClientDisconnect::default(),
+                in_flight: InFlightPolicy::default(),
+                store_failure: StoreFailure::default(),
+                retry_after: Duration::from_secs(1),
+            },
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// The methods the layer covers; others pass through untouched.
+    #[must_use]
+    pub fn with_methods(mut self, methods: impl IntoIterator<Item = Method>) -> Self {
+        self.config.methods = methods.into_iter().collect();
+        self
+    }
+
+    /// Whether a covered request without a key is refused with 400.
+    #[must_use]
+    pub fn with_key_required(mut self, required: bool) -> Self {
+        self.config.key_required = required;
+        self
+    }
+
+    /// The largest request body buffered; a larger one gets 413.
+    #[must_use]
+    pub fn with_body_limit(mut self, bytes: usize) -> Self {
+        self.config.body_limit = bytes;
+        self
+    }
+
+    /// How long the request body may take to arrive; a slower one gets 408.
+    #[must_use]
+    pub fn with_body_timeout(mut self, timeout: Duration) -> Self {
+        self.config.body_timeout = timeout;
+        self
+    }
+
+    /// The largest response body kept for replay. A larger one is still
+    /// delivered, and its key is then marked as not replayable.
+    #[must_use]
+    pub fn with_response_limit(mut self, bytes: usize) -> Self {
+        self.config.response_limit = bytes;
+        self
+    }
+
+    /// The request headers that are part of the fingerprint, besides the
+    /// method, path, query and body.
+    #[must_use]
+    pub fn with_fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        self.config.fingerprint_headers = names.into_iter().collect();
+        self
+    }
+
+    /// Derives the scope of a request, so that the same key from two
+    /// clients names two records. `None` is the anonymous scope.
+    ///
+    /// ```
+    /// use tower_idempotency::IdempotencyLayer;
+    ///
+    /// let layer = IdempotencyLayer::default().with_scope(|parts| {
+    ///     parts.headers.get("x-tenant-id").map(|v| v.as_bytes().to_vec())
+    /// });
+    /// ```
+    #[must_use]
+    pub fn with_scope<F>(mut self, scope: F) -> Self
+    where
+        F: Fn(&request::Parts) -> Option<Vec<u8>> + Send + Sync + 'static,
+    {
+        self.config.scope = Some(Arc::new(scope));
+        self
+    }
+
+    /// How long a completed response is kept.
+    #[must_use]
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = ttl;
+        self
+    }
+
+    /// How long an in-flight lock lasts unless renewed. The holder renews
+    /// it every third of this while its handler runs; if the holder dies,
+    /// another request may take the key over once it runs out.
+    #[must_use]
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.config.lease = lease.max(Duration::from_millis(30));
+        self
+    }
+
+    /// Which responses are kept for replay.
+    #[must_use]
+    pub fn with_keep_policy(mut self, policy: KeepPolicy) -> Self {
+        self.config.keep = policy;
+        self
+    }
+
+    /// The base of the `type` URI of problem responses; the problem's slug
+    /// (see [`problem`](crate::problem)) is appended.
+    #[must_use]
+    pub fn with_problem_base(mut self, base: impl Into<String>) -> Self {
+        self.config.problem_base = Arc::from(base.into());
+        self
+    }
+
+    /// What happens when the client goes away mid-request.
+    #[must_use]
+    pub fn with_client_disconnect(mut self, policy: ClientDisconnect) -> Self {
+        self.config.on_disconnect = policy;
+        self
+    }
+
+    /// What a duplicate gets while its key is in flight.
+    #[must_use]
+    pub fn with_in_flight(mut self, policy: InFlightPolicy) -> Self {
+        self.config.in_flight = policy;
+        self
+    }
+
+    /// What happens when the store fails.
+    #[must_use]
+    pub fn with_store_failure(mut self, policy: StoreFailure) -> Self {
+        self.config.store_failure = policy;
+        self
+    }
+
+    /// The `Retry-After` sent with 409 and 503 answers.
+    #[must_use]
+    pub fn with_retry_after(mut self, after: Duration) -> Self {
+        self.config.retry_after = after;
+        self
+    }
+
+    /// The counters of every service this layer makes.
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
+    }
+}
+
+impl fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("store", &self.store)
+            .field("methods", &self.methods)
+            .field("key_required", &self.key_required)
+            .field("body_limit", &self.body_limit)
+            .field("response_limit", &self.response_limit)
+            .field("ttl", &self.ttl)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency::new(inner, Shared::new(self.config.clone(), self.metrics.clone()))
+    }
+}

@@ -1,0 +1,332 @@
+use std::{
+    fmt,
+    sync::{
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, Weak,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use dashmap::{mapref::entry::Entry as MapEntry, DashMap};
+use tokio::time::Instant;
+
+use super::{Begin, LockToken, Outcome, Store, StoreError, StoredResponse};
+use crate::key::{Fingerprint, RecordKey};
+
+/// Bounds on what a [`MemoryStore`] holds.
+///
+/// When the store is full, a new key is refused with [`StoreError::Full`]
+/// (the layer answers 503) and nothing already stored is evicted early: an
+/// evicted record would let a retry run the request a second time. A
+/// response that does not fit in the byte budget is recorded as not
+/// replayable, so its retry is refused rather than executed again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct MemoryLimits {
+    /// Records held at once, in flight or completed. Default 1,000,000.
+    pub max_entries: usize,
+    /// Bytes of stored responses (body, headers, trailers). Default 512 MiB.
+    pub max_bytes: usize,
+}
+
+impl Default for MemoryLimits {
+    fn default() -> Self {
+        Self {
+            max_entries: 1_000_000,
+            max_bytes: 512 * 1024 * 1024,
+        }
+    }
+}
+
+impl MemoryLimits {
+    /// Limits with the given entry and byte bounds.
+    pub const fn new(max_entries: usize, max_bytes: usize) -> Self {
+        Self {
+            max_entries,
+            max_bytes,
+        }
+    }
+}
+
+/// The default store: a sharded concurrent map in this process's memory.
+///
+/// Locks and responses live only as long as the process: use a shared store
+/// (Redis, PostgreSQL) when several replicas serve the same clients. Expired
+/// records are freed by a background sweep that visits one shard at a time,
+/// started on first use inside a Tokio runtime and stopped when the last
+/// clone of the store is dropped.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_idempotency::store::{MemoryLimits, MemoryStore};
+///
+/// let store = MemoryStore::new()
+///     .with_limits(MemoryLimits::new(10_000, 64 * 1024 * 1024))
+///     .with_sweep_interval(Duration::from_secs(30));
+/// assert_eq!(store.len(), 0);
+/// ```
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<RecordKey, Entry>,
+    limits: MemoryLimits,
+    sweep_interval: Duration,
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+    sweeper_started: AtomicBool,
+}
+
+struct Entry {
+    fingerprint: Fingerprint,
+    expires_at: Instant,
+    state: State,
+}
+
+enum State {
+    InFlight(LockToken),
+    Completed(Arc<StoredResponse>, usize),
+    NotReplayable,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("entries", &self.len())
+            .field("bytes", &self.bytes())
+            .field("limits", &self.inner.limits)
+            .finish()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store with [`MemoryLimits::default`] and a 60 s sweep.
+    pub fn new() -> Self {
+        Self::build(MemoryLimits::default(), Duration::from_secs(60))
+    }
+
+    fn build(limits: MemoryLimits, sweep_interval: Duration) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                limits,
+                sweep_interval,
+                entries: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                sweeper_started: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Sets the capacity bounds.
+    #[must_use]
+    pub fn with_limits(self, limits: MemoryLimits) -> Self {
+        Self::build(limits, self.inner.sweep_interval)
+    }
+
+    /// Sets how often expired records are freed.
+    #[must_use]
+    pub fn with_sweep_interval(self, interval: Duration) -> Self {
+        Self::build(self.inner.limits, interval.max(Duration::from_millis(1)))
+    }
+
+    /// Records held now, expired ones not yet swept included.
+    pub fn len(&self) -> usize {
+        self.inner.entries.load(Ordering::Relaxed)
+    }
+
+    /// Whether the store holds no record.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of stored responses held now.
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Frees every expired record now, one shard at a time.
+    pub fn sweep(&self) {
+        self.inner.sweep();
+    }
+
+    fn ensure_sweeper(&self) {
+        if self.inner.sweeper_started.load(Ordering::Relaxed)
+            || self.inner.sweeper_started.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.inner.sweeper_started.store(false, Ordering::Release);
+            return;
+        };
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let interval = self.inner.sweep_interval;
+        handle.spawn(async move {
+            let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                ticks.tick().await;
+                match weak.upgrade() {
+                    Some(inner) => inner.sweep(),
+                    None => return,
+                }
+            }
+        });
+    }
+}
+
+impl Inner {
+    fn sweep(&self) {
+        let now = Instant::now();
+        self.map.retain(|_, entry| {
+            if entry.expires_at > now {
+                return true;
+            }
+            self.forget(entry);
+            false
+        });
+    }
+
+    /// Accounts for an entry leaving the map.
+    fn forget(&self, entry: &Entry) {
+        self.entries.fetch_sub(1, Ordering::Relaxed);
+        if let State::Completed(_, size) = entry.state {
+            self.bytes.fetch_sub(size, Ordering::Relaxed);
+        }
+    }
+
+    fn reserve_bytes(&self, size: usize) -> bool {
+        self.bytes
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                used.checked_add(size)
+                    .filter(|total| *total <= self.limits.max_bytes)
+            })
+            .is_ok()
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.ensure_sweeper();
+        let now = Instant::now();
+        let token = LockToken::random();
+        let fresh = || Entry {
+            fingerprint: *fingerprint,
+            expires_at: now + lease,
+            state: State::InFlight(token),
+        };
+        let inner = &self.inner;
+        match inner.map.entry(*key) {
+            MapEntry::Occupied(mut occupied) => {
+                let entry = occupied.get_mut();
+                if entry.expires_at <= now {
+                    if let State::Completed(_, size) = entry.state {
+                        inner.bytes.fetch_sub(size, Ordering::Relaxed);
+                    }
+                    *entry = fresh();
+                    return Ok(Begin::Acquired(token));
+                }
+                if entry.fingerprint != *fingerprint {
+                    return Ok(Begin::Mismatch);
+                }
+                Ok(match &entry.state {
+                    State::InFlight(_) => Begin::InFlight,
+                    State::Completed(response, _) => Begin::Completed(Arc::clone(response)),
+                    State::NotReplayable => Begin::NotReplayable,
+                })
+            }
+            MapEntry::Vacant(vacant) => {
+                let admitted = inner
+                    .entries
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                        (n < inner.limits.max_entries).then_some(n + 1)
+                    })
+                    .is_ok();
+                if !admitted {
+                    return Err(StoreError::Full);
+                }
+                vacant.insert(fresh());
+                Ok(Begin::Acquired(token))
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut entry = self.held(key, token)?;
+        entry.expires_at = Instant::now() + ttl;
+        entry.state = match outcome {
+            Outcome::Response(response) => {
+                let size = response.size();
+                if self.inner.reserve_bytes(size) {
+                    State::Completed(Arc::new(response), size)
+                } else {
+                    tracing::warn!(size, "memory store byte budget exhausted; response kept as not replayable");
+                    State::NotReplayable
+                }
+            }
+            Outcome::NotReplayable => State::NotReplayable,
+        };
+        Ok(())
+    }
+
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        let removed = self.inner.map.remove_if(key, |_, entry| {
+            matches!(entry.state, State::InFlight(held) if held == token)
+        });
+        match removed {
+            Some((_, entry)) => {
+                self.inner.forget(&entry);
+                Ok(())
+            }
+            None => Err(StoreError::LockLost),
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.held(key, token)?.expires_at = Instant::now() + lease;
+        Ok(())
+    }
+}
+
+impl MemoryStore {
+    /// The entry for `key` if `token` holds its lock. A lease that ran out
+    /// still counts until another request takes the key over.
+    fn held(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+    ) -> Result<dashmap::mapref::one::RefMut<'_, RecordKey, Entry>, StoreError> {
+        let entry = self.inner.map.get_mut(key).ok_or(StoreError::LockLost)?;
+        match entry.state {
+            State::InFlight(held) if held == token => Ok(entry),
+            _ => Err(StoreError::LockLost),
+        }
+    }
+}

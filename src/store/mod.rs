@@ -1,0 +1,217 @@
+//! The storage abstraction behind the layer, and the stores that ship with it.
+//!
+//! A record moves through these states, addressed by its [`RecordKey`]:
+//!
+//! ```text
+//! (absent) --begin--> InFlight { fingerprint, token, lease }
+//! InFlight --complete(token, Response)------> Completed { response, ttl }
+//! InFlight --complete(token, NotReplayable)-> NotReplayable { ttl }
+//! InFlight --release(token)--> (absent)
+//! InFlight --lease runs out, begin--> InFlight { new token }
+//! Completed / NotReplayable --ttl runs out--> (absent)
+//! ```
+//!
+//! Each method is one atomic step, so that a remote store can do it in one
+//! round trip. `complete`, `release` and `renew` carry the [`LockToken`] that
+//! `begin` handed out and must fail with [`StoreError::LockLost`] once that
+//! token is no longer the current one: a holder whose lease ran out and was
+//! taken over can never overwrite the new holder's work.
+
+use std::{fmt, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+
+use crate::key::{Fingerprint, RecordKey};
+
+mod memory;
+mod record;
+
+#[cfg(feature = "postgres")]
+mod postgres;
+#[cfg(feature = "redis")]
+mod redis;
+
+pub use memory::{MemoryLimits, MemoryStore};
+pub use record::{DecodeError, StoredResponse};
+
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresStore;
+#[cfg(feature = "redis")]
+pub use redis::RedisStore;
+
+/// A boxed error from a store's backend.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What [`Store::begin`] found for a key.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Begin {
+    /// The key was free (or its lease had run out): the caller now holds the
+    /// lock and must `complete` or `release` it with this token.
+    Acquired(LockToken),
+    /// Another request with the same fingerprint holds the lock.
+    InFlight,
+    /// The request completed before; here is its response.
+    Completed(Arc<StoredResponse>),
+    /// The request completed before, but its response was not kept (it was
+    /// larger than the capture limit or the store's room).
+    NotReplayable,
+    /// The key is held or completed with a different fingerprint.
+    Mismatch,
+}
+
+/// What [`Store::complete`] records for a key.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// The response to replay.
+    Response(StoredResponse),
+    /// The request ran, but its response cannot be replayed.
+    NotReplayable,
+}
+
+/// A fencing token: proof of holding the lock on one record.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct LockToken(u128);
+
+impl LockToken {
+    /// A fresh token, unique with overwhelming probability across processes.
+    pub fn random() -> Self {
+        use std::hash::{BuildHasher, Hasher};
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        // `RandomState` is seeded from the OS once per process and then
+        // varied per instance, which is all a fencing token needs.
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let half = |salt: u64| {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(n ^ salt);
+            h.finish()
+        };
+        Self((u128::from(half(0)) << 64) | u128::from(half(u64::MAX)))
+    }
+
+    /// Rebuilds a token read back from a store.
+    pub const fn from_u128(value: u128) -> Self {
+        Self(value)
+    }
+
+    /// The token as a number.
+    pub const fn as_u128(&self) -> u128 {
+        self.0
+    }
+}
+
+impl fmt::Debug for LockToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LockToken({:032x})", self.0)
+    }
+}
+
+impl fmt::Display for LockToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The token is no longer the current one for this key: the lease ran
+    /// out and another request took the key over, or the record is gone.
+    #[error("the lock is no longer held by this token")]
+    LockLost,
+    /// The store is at its capacity and refuses new keys.
+    #[error("the store is full")]
+    Full,
+    /// A stored record could not be read back.
+    #[error("a stored record could not be decoded: {0}")]
+    Decode(#[from] DecodeError),
+    /// The backend failed (unreachable, timed out, refused the command).
+    #[error("store backend error: {0}")]
+    Backend(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Wraps a backend's own error.
+    pub fn backend(err: impl Into<BoxError>) -> Self {
+        Self::Backend(err.into())
+    }
+}
+
+/// Where the layer keeps locks and completed responses.
+///
+/// Implement it for your own backend; run the conformance suite (feature
+/// `conformance`, [`store_conformance_tests!`](crate::store_conformance_tests))
+/// against it. Every method must be a single atomic step: two requests racing
+/// on one key must never both see [`Begin::Acquired`] while a lease is live.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Looks the key up and, if it is free or its lease has run out, locks
+    /// it for `lease` with a new token, in one atomic step.
+    ///
+    /// A key held or completed with another fingerprint answers
+    /// [`Begin::Mismatch`].
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError>;
+
+    /// Records the outcome for a key this token holds, kept for `ttl`.
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+
+    /// Frees a key this token holds, so the next request runs again.
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError>;
+
+    /// Extends the lease of a key this token holds to `lease` from now.
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError>;
+}
+
+#[async_trait]
+impl<T: Store + ?Sized> Store for Arc<T> {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        (**self).begin(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        (**self).complete(key, token, outcome, ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        (**self).release(key, token).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        (**self).renew(key, token, lease).await
+    }
+}

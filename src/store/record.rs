@@ -1,0 +1,230 @@
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+/// A response as it is kept for replay: status, end-to-end headers, body and
+/// trailers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoredResponse {
+    /// The status code.
+    pub status: StatusCode,
+    /// End-to-end headers only; see [`StoredResponse::new`].
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    /// Trailers, if the response had any (gRPC carries its status there).
+    pub trailers: Option<HeaderMap>,
+}
+
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the
+/// response, so they are never stored. `content-length` is recomputed from
+/// the stored body on replay.
+const NOT_STORED: [HeaderName; 8] = [
+    header::CONNECTION,
+    header::TRANSFER_ENCODING,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::CONTENT_LENGTH,
+    HeaderName::from_static("keep-alive"),
+];
+
+impl StoredResponse {
+    /// Builds a record, dropping hop-by-hop headers, the headers that the
+    /// `Connection` header names, and `content-length`.
+    pub fn new(
+        status: StatusCode,
+        mut headers: HeaderMap,
+        body: Bytes,
+        trailers: Option<HeaderMap>,
+    ) -> Self {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .collect();
+        for name in NOT_STORED.iter().chain(&named) {
+            headers.remove(name);
+        }
+        headers.remove("proxy-connection");
+        Self {
+            status,
+            headers,
+            body,
+            trailers,
+        }
+    }
+
+    /// Bytes this record occupies, as the memory store accounts for them.
+    pub fn size(&self) -> usize {
+        fn map_size(map: &HeaderMap) -> usize {
+            map.iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 32)
+                .sum()
+        }
+        self.body.len() + map_size(&self.headers) + self.trailers.as_ref().map_or(0, map_size)
+    }
+
+    /// Encodes the record into a self-describing byte string, for stores that
+    /// keep bytes.
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.size() + 32);
+        out.put_slice(MAGIC);
+        out.put_u16(self.status.as_u16());
+        put_map(&mut out, &self.headers);
+        match &self.trailers {
+            Some(trailers) => {
+                out.put_u8(1);
+                put_map(&mut out, trailers);
+            }
+            None => out.put_u8(0),
+        }
+        out.put_u64(self.body.len() as u64);
+        out.put_slice(&self.body);
+        out.freeze()
+    }
+
+    /// Decodes what [`StoredResponse::encode`] wrote. The body shares `bytes`.
+    pub fn decode(mut bytes: Bytes) -> Result<Self, DecodeError> {
+        if bytes.len() < MAGIC.len() || &bytes[..MAGIC.len()] != MAGIC {
+            return Err(DecodeError("unknown record format"));
+        }
+        bytes.advance(MAGIC.len());
+        let status = StatusCode::from_u16(take_u16(&mut bytes)?)
+            .map_err(|_| DecodeError("invalid status code"))?;
+        let headers = take_map(&mut bytes)?;
+        let trailers = match take_u8(&mut bytes)? {
+            0 => None,
+            1 => Some(take_map(&mut bytes)?),
+            _ => return Err(DecodeError("invalid trailer flag")),
+        };
+        let len = take_len(&mut bytes)?;
+        if bytes.len() != len {
+            return Err(DecodeError("body length does not match"));
+        }
+        Ok(Self {
+            status,
+            headers,
+            body: bytes,
+            trailers,
+        })
+    }
+}
+
+/// A stored record could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(&'static str);
+
+const MAGIC: &[u8] = b"TIR1";
+
+fn put_map(out: &mut BytesMut, map: &HeaderMap) {
+    out.put_u32(map.len() as u32);
+    for (name, value) in map {
+        out.put_u32(name.as_str().len() as u32);
+        out.put_slice(name.as_str().as_bytes());
+        out.put_u32(value.len() as u32);
+        out.put_slice(value.as_bytes());
+    }
+}
+
+fn take_map(bytes: &mut Bytes) -> Result<HeaderMap, DecodeError> {
+    let count = take_u32(bytes)? as usize;
+    let mut map = HeaderMap::with_capacity(count.min(64));
+    for _ in 0..count {
+        let name = take_field(bytes)?;
+        let value = take_field(bytes)?;
+        let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError("invalid header name"))?;
+        let value =
+            HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError("invalid header value"))?;
+        map.append(name, value);
+    }
+    Ok(map)
+}
+
+fn take_field(bytes: &mut Bytes) -> Result<Bytes, DecodeError> {
+    let len = take_u32(bytes)? as usize;
+    if bytes.len() < len {
+        return Err(DecodeError("truncated record"));
+    }
+    Ok(bytes.split_to(len))
+}
+
+fn take_len(bytes: &mut Bytes) -> Result<usize, DecodeError> {
+    if bytes.len() < 8 {
+        return Err(DecodeError("truncated record"));
+    }
+    usize::try_from(bytes.get_u64()).map_err(|_| DecodeError("body too large"))
+}
+
+fn take_u32(bytes: &mut Bytes) -> Result<u32, DecodeError> {
+    if bytes.len() < 4 {
+        return Err(DecodeError("truncated record"));
+    }
+    Ok(bytes.get_u32())
+}
+
+fn take_u16(bytes: &mut Bytes) -> Result<u16, DecodeError> {
+    if bytes.len() < 2 {
+        return Err(DecodeError("truncated record"));
+    }
+    Ok(bytes.get_u16())
+}
+
+fn take_u8(bytes: &mut Bytes) -> Result<u8, DecodeError> {
+    if bytes.is_empty() {
+        return Err(DecodeError("truncated record"));
+    }
+    Ok(bytes.get_u8())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StoredResponse {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.append("x-multi", HeaderValue::from_static("a"));
+        headers.append("x-multi", HeaderValue::from_static("b"));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        StoredResponse::new(
+            StatusCode::CREATED,
+            headers,
+            Bytes::from_static(b"{\"id\":1}"),
+            Some(trailers),
+        )
+    }
+
+    #[test]
+    fn encoding_round_trips() {
+        let record = sample();
+        assert_eq!(StoredResponse::decode(record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn every_truncation_is_a_decode_error() {
+        let encoded = sample().encode();
+        for len in 0..encoded.len() {
+            assert!(StoredResponse::decode(encoded.slice(..len)).is_err(), "len {len}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_not_stored() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        headers.insert("x-kept", HeaderValue::from_static("yes"));
+        let record = StoredResponse::new(StatusCode::OK, headers, Bytes::from_static(b"ok"), None);
+        assert_eq!(record.headers.len(), 1);
+        assert_eq!(record.headers["x-kept"], "yes");
+    }
+}
