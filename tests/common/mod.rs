@@ -1,0 +1,167 @@
+//! Helpers shared by the integration tests: a handler that counts its runs,
+//! request builders and body readers.
+#![allow(dead_code, unreachable_pub)]
+
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{service_fn, util::BoxCloneSyncService, Layer, ServiceExt};
+use tower_idempotency::{body::RequestBody, IdempotencyLayer};
+
+pub type Handler<B = Full<Bytes>> =
+    BoxCloneSyncService<Request<RequestBody<B>>, Response<Full<Bytes>>, Infallible>;
+
+/// A handler that counts its runs and answers 201 with
+/// `{"run":N,"method":..,"path":..,"body":..}`, after `delay`.
+#[derive(Clone, Default)]
+pub struct Counter {
+    runs: Arc<AtomicUsize>,
+}
+
+impl Counter {
+    pub fn runs(&self) -> usize {
+        self.runs.load(Ordering::SeqCst)
+    }
+
+    pub fn handler<B: RequestBodyBound>(&self, delay: Duration) -> Handler<B> {
+        self.respond_with(delay, |_, _| Response::builder().status(StatusCode::CREATED))
+    }
+
+    /// A handler whose response head comes from `head(run, request)`.
+    pub fn respond_with<B, F>(&self, delay: Duration, head: F) -> Handler<B>
+    where
+        B: RequestBodyBound,
+        F: Fn(usize, &Request<RequestBody<B>>) -> http::response::Builder
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+    {
+        let runs = Arc::clone(&self.runs);
+        BoxCloneSyncService::new(service_fn(move |req: Request<RequestBody<B>>| {
+            let runs = Arc::clone(&runs);
+            let head = head.clone();
+            async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                let builder = head(run, &req);
+                let (parts, body) = req.into_parts();
+                let body = body.collect().await.expect("buffered body").to_bytes();
+                let text = serde_json::json!({
+                    "run": run,
+                    "method": parts.method.as_str(),
+                    "path": parts.uri.to_string(),
+                    "body": String::from_utf8_lossy(&body),
+                });
+                Ok::<_, Infallible>(
+                    builder
+                        .header("content-type", "application/json")
+                        .body(Full::new(Bytes::from(text.to_string())))
+                        .unwrap(),
+                )
+            }
+        }))
+    }
+}
+
+/// What a request body must be for the test handler.
+pub trait RequestBodyBound:
+    http_body::Body<Data = Bytes, Error = Self::E> + Send + Unpin + 'static
+{
+    type E: Into<tower_idempotency::store::BoxError> + Send;
+}
+
+impl<B> RequestBodyBound for B
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<tower_idempotency::store::BoxError> + Send,
+{
+    type E = B::Error;
+}
+
+/// A service made of `layer` over `handler`, ready for `oneshot`.
+pub fn app<B>(layer: &IdempotencyLayer, handler: Handler<B>) -> tower_idempotency::Idempotency<Handler<B>> {
+    layer.layer(handler)
+}
+
+/// A request body that yields `chunks` one frame at a time, then, if
+/// `hang` is set, never ends.
+pub struct Chunks {
+    pub chunks: std::collections::VecDeque<Bytes>,
+    pub hang: bool,
+}
+
+impl Chunks {
+    pub fn new(chunks: impl IntoIterator<Item = &'static str>, hang: bool) -> Self {
+        Self {
+            chunks: chunks.into_iter().map(|c: &'static str| Bytes::from_static(c.as_bytes())).collect(),
+            hang,
+        }
+    }
+}
+
+impl http_body::Body for Chunks {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        match self.chunks.pop_front() {
+            Some(chunk) => std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk)))),
+            None if self.hang => std::task::Poll::Pending,
+            None => std::task::Poll::Ready(None),
+        }
+    }
+}
+
+pub fn post(path: &str, key: Option<&str>, body: &str) -> Request<Full<Bytes>> {
+    let mut builder = Request::post(path).header("content-type", "application/json");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+}
+
+/// Status, headers and whole body of a response.
+pub async fn read<B>(response: Response<B>) -> (http::response::Parts, Bytes)
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let (parts, body) = response.into_parts();
+    (parts, body.collect().await.expect("body").to_bytes())
+}
+
+/// The response as JSON, for problem documents and handler answers.
+pub async fn json<B>(response: Response<B>) -> (StatusCode, http::HeaderMap, serde_json::Value)
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let (parts, body) = read(response).await;
+    let value = serde_json::from_slice(&body).unwrap_or_else(|_| {
+        panic!("not JSON: {}", String::from_utf8_lossy(&body));
+    });
+    (parts.status, parts.headers, value)
+}
+
+/// Sends one request through a clone of `service`, as a user would.
+pub async fn send(
+    service: &tower_idempotency::Idempotency<Handler>,
+    request: Request<Full<Bytes>>,
+) -> Response<tower_idempotency::body::ResponseBody<Full<Bytes>>> {
+    service.clone().oneshot(request).await.unwrap()
+}
