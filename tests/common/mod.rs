@@ -4,6 +4,7 @@
 
 use std::{
     convert::Infallible,
+    future::Future,
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -164,4 +165,66 @@ pub async fn send(
     request: Request<Full<Bytes>>,
 ) -> Response<tower_idempotency::body::ResponseBody<Full<Bytes>>> {
     service.clone().oneshot(request).await.unwrap()
+}
+
+/// A response body that yields scripted frames, `gap` apart: data, then
+/// trailers or an error.
+pub struct Scripted {
+    frames: std::collections::VecDeque<Result<http_body::Frame<Bytes>, std::io::Error>>,
+    gap: Duration,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Scripted {
+    pub fn new(gap: Duration) -> Self {
+        Self { frames: Default::default(), gap, sleep: None }
+    }
+
+    pub fn data(mut self, data: impl Into<Bytes>) -> Self {
+        self.frames.push_back(Ok(http_body::Frame::data(data.into())));
+        self
+    }
+
+    pub fn trailers(mut self, trailers: http::HeaderMap) -> Self {
+        self.frames.push_back(Ok(http_body::Frame::trailers(trailers)));
+        self
+    }
+
+    pub fn error(mut self, message: &str) -> Self {
+        self.frames.push_back(Err(std::io::Error::other(message.to_owned())));
+        self
+    }
+}
+
+impl http_body::Body for Scripted {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
+        if !self.gap.is_zero() {
+            let gap = self.gap;
+            let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+            std::task::ready!(sleep.as_mut().poll(cx));
+            self.sleep = None;
+        }
+        std::task::Poll::Ready(self.frames.pop_front())
+    }
+}
+
+/// A handler that counts its runs and answers 200 with `body(run)`.
+pub fn scripted_handler<F>(
+    runs: Arc<AtomicUsize>,
+    body: F,
+) -> BoxCloneSyncService<Request<RequestBody<Full<Bytes>>>, Response<Scripted>, Infallible>
+where
+    F: Fn(usize) -> Scripted + Clone + Send + Sync + 'static,
+{
+    BoxCloneSyncService::new(service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+        let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+        let body = body(run);
+        async move { Ok::<_, Infallible>(Response::new(body)) }
+    }))
 }

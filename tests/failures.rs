@@ -1,0 +1,310 @@
+//! What the layer guarantees when things go wrong: panics, errors, failing
+//! bodies, oversized responses, a dead store and clients that hang up.
+
+mod common;
+
+use std::{
+    convert::Infallible,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use common::{app, json, post, read, send, Counter, Scripted};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tower::{service_fn, ServiceExt};
+use tower_idempotency::{
+    body::RequestBody,
+    key::{Fingerprint, RecordKey},
+    store::{Begin, LockToken, MemoryStore, Outcome, StoreError},
+    ClientDisconnect, IdempotencyLayer, Store, StoreFailure,
+};
+
+const KEY: &str = "failure-key";
+
+/// A store whose backend is down.
+#[derive(Debug)]
+struct DeadStore;
+
+#[async_trait]
+impl Store for DeadStore {
+    async fn begin(&self, _: &RecordKey, _: &Fingerprint, _: Duration) -> Result<Begin, StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn complete(&self, _: &RecordKey, _: LockToken, _: Outcome, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn release(&self, _: &RecordKey, _: LockToken) -> Result<(), StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+    async fn renew(&self, _: &RecordKey, _: LockToken, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
+}
+
+#[tokio::test]
+async fn dead_store_answers_503_and_does_not_run_the_handler() {
+    let counter = Counter::default();
+    let svc = app(&IdempotencyLayer::new(DeadStore), counter.handler(Duration::ZERO));
+    let (status, headers, problem) = json(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert!(headers.contains_key("retry-after"));
+    assert!(problem["type"].as_str().unwrap().ends_with("store-unavailable"));
+    assert_eq!(counter.runs(), 0);
+}
+
+#[tokio::test]
+async fn dead_store_runs_the_handler_when_failing_open() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::new(DeadStore).with_store_failure(StoreFailure::FailOpen);
+    let svc = app(&layer, counter.handler(Duration::ZERO));
+    assert_eq!(send(&svc, post("/payments", Some(KEY), "{}")).await.status(), StatusCode::CREATED);
+    assert_eq!(counter.runs(), 1);
+}
+
+fn panicking_handler(runs: Arc<AtomicUsize>) -> common::Handler {
+    tower::util::BoxCloneSyncService::new(service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+        let run = runs.fetch_add(1, Ordering::SeqCst);
+        async move {
+            if run == 0 {
+                panic!("handler bug");
+            }
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"second run"))))
+        }
+    }))
+}
+
+#[tokio::test]
+async fn handler_panic_propagates_and_releases_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let svc = app(&IdempotencyLayer::default(), panicking_handler(Arc::clone(&runs)));
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, post("/payments", Some(KEY), "{}")).await }
+    })
+    .await;
+    let panic = first.expect_err("the panic must reach the caller");
+    assert!(panic.is_panic());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (retry, body) = read(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert_eq!(body, "second run");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn service_error_is_returned_and_releases_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if run == 0 {
+                    Err("database down")
+                } else {
+                    Ok(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                }
+            }
+        })
+    };
+    let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
+    let err = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap_err();
+    assert_eq!(err, "database down");
+    let retry = svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+    assert_eq!(retry.status(), StatusCode::OK);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn response_body_that_fails_is_not_stored() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = common::scripted_handler(Arc::clone(&runs), |run| {
+        let body = common::Scripted::new(Duration::ZERO).data("partial");
+        if run == 1 { body.error("disk on fire") } else { body.data(" and whole") }
+    });
+    let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
+    let first = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+    assert!(first.into_body().collect().await.is_err());
+    let (_, body) = read(svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    assert_eq!(body, "partial and whole");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn response_over_the_capture_limit_is_delivered_then_not_replayed() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = common::scripted_handler(Arc::clone(&runs), |_| {
+        Scripted::new(Duration::ZERO).data(vec![b'a'; 600]).data(vec![b'b'; 600])
+    });
+    let svc = tower::Layer::layer(&IdempotencyLayer::default().with_response_limit(1000), handler);
+    let (first, body) = read(svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(body.len(), 1200);
+    let (status, _, problem) = json(svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(problem["type"].as_str().unwrap().ends_with("response-not-replayable"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn trailers_are_stored_and_replayed() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = common::scripted_handler(Arc::clone(&runs), |_| {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        Scripted::new(Duration::ZERO).data("message").trailers(trailers)
+    });
+    let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
+    for _ in 0..2 {
+        let response = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+        let collected = response.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), "message");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn first_response_streams_before_the_handler_finishes() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = common::scripted_handler(Arc::clone(&runs), |_| {
+        Scripted::new(Duration::from_millis(300)).data("one").data("two")
+    });
+    let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
+    let response = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+    let mut body = response.into_body();
+    let started = tokio::time::Instant::now();
+    let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(first, "one");
+    let first_at = started.elapsed();
+    let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
+    assert_eq!(second, "two");
+    assert!(started.elapsed() >= first_at + Duration::from_millis(250), "the second chunk came with the first");
+    assert!(body.frame().await.is_none());
+    let (_, replay) = read(svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    assert_eq!(replay, "onetwo");
+}
+
+/// Serves `svc` on 127.0.0.1 with hyper, one task per connection.
+async fn serve<S, B>(svc: S) -> std::net::SocketAddr
+where
+    S: tower::Service<Request<hyper::body::Incoming>, Response = Response<B>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends a POST with a key over a raw connection and hangs up after `wait`.
+async fn post_and_hang_up(addr: std::net::SocketAddr, wait: Duration) {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /payments HTTP/1.1\r\nhost: test\r\nidempotency-key: {KEY}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    tokio::time::sleep(wait).await;
+    drop(stream);
+}
+
+/// Sends a POST with a key over a raw connection and reads the response.
+async fn post_and_read(addr: std::net::SocketAddr) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "POST /payments HTTP/1.1\r\nhost: test\r\nconnection: close\r\nidempotency-key: {KEY}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+fn slow_app(layer: IdempotencyLayer, counter: &Counter) -> impl tower::Service<
+    Request<hyper::body::Incoming>,
+    Response = Response<tower_idempotency::body::ResponseBody<Full<Bytes>>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    let handler = counter.handler::<hyper::body::Incoming>(Duration::from_millis(300));
+    tower::Layer::layer(&layer, handler)
+}
+
+#[tokio::test]
+async fn client_hang_up_finishes_the_handler_and_the_retry_gets_the_replay() {
+    let counter = Counter::default();
+    let addr = serve(slow_app(IdempotencyLayer::default(), &counter)).await;
+    post_and_hang_up(addr, Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counter.runs(), 1);
+    let retry = post_and_read(addr).await;
+    assert!(retry.starts_with("HTTP/1.1 201"), "{retry}");
+    assert!(retry.contains("idempotent-replayed: true"), "{retry}");
+    assert_eq!(counter.runs(), 1);
+}
+
+#[tokio::test]
+async fn client_hang_up_with_cancel_releases_the_key_and_the_retry_runs() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::default().with_client_disconnect(ClientDisconnect::Cancel);
+    let addr = serve(slow_app(layer, &counter)).await;
+    post_and_hang_up(addr, Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let retry = post_and_read(addr).await;
+    assert!(retry.starts_with("HTTP/1.1 201"), "{retry}");
+    assert!(!retry.contains("idempotent-replayed"), "{retry}");
+    assert_eq!(counter.runs(), 2);
+}
+
+#[tokio::test]
+async fn client_hang_up_mid_body_still_stores_the_whole_response() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = common::scripted_handler(Arc::clone(&runs), |_| {
+        Scripted::new(Duration::from_millis(100)).data("one,").data("two,").data("three")
+    });
+    let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
+    let response = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+    let mut body = response.into_body();
+    assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "one,");
+    drop(body);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (head, replay) = read(svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    assert_eq!(head.headers["idempotent-replayed"], "true");
+    assert_eq!(replay, "one,two,three");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn dropped_response_future_with_cancel_leaves_no_lock_behind() {
+    let store = MemoryStore::new();
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::new(store.clone()).with_client_disconnect(ClientDisconnect::Cancel);
+    let svc = app(&layer, counter.handler(Duration::from_millis(500)));
+    let pending = tokio::time::timeout(Duration::from_millis(50), send(&svc, post("/payments", Some(KEY), "{}"))).await;
+    assert!(pending.is_err(), "the request should still be running");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(store.len(), 0);
+}
