@@ -114,7 +114,14 @@ async fn create(State(app): State<App>, body: Bytes) -> Response {
 }
 
 async fn list(State(app): State<App>) -> Json<Vec<Payment>> {
-    Json(app.payments.lock().expect("payments lock").values().cloned().collect())
+    Json(
+        app.payments
+            .lock()
+            .expect("payments lock")
+            .values()
+            .cloned()
+            .collect(),
+    )
 }
 
 async fn show(State(app): State<App>, Path(id): Path<String>) -> Response {
@@ -196,7 +203,9 @@ async fn main() {
         .await
         .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
     let addr = listener.local_addr().expect("local address");
-    let store_name = store.as_ref().map_or("none (layer off)".to_owned(), |s| format!("{s:?}"));
+    let store_name = store
+        .as_ref()
+        .map_or("none (layer off)".to_owned(), |s| format!("{s:?}"));
     println!("payments API listening on http://{addr}");
     println!("idempotency store: {store_name}");
     println!();

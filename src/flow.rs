@@ -105,7 +105,12 @@ async fn keep_leases(shared: Weak<Shared>) {
             .map(|held| (held.key, held.token))
             .collect();
         for (key, token) in renewals {
-            if let Err(err) = shared.config.store.renew(&key, token, shared.config.lease).await {
+            if let Err(err) = shared
+                .config
+                .store
+                .renew(&key, token, shared.config.lease)
+                .await
+            {
                 tracing::warn!(error = %err, ?key, "could not renew an idempotency lease");
             }
         }
@@ -144,7 +149,11 @@ impl LockGuard {
         self.settled = true;
         self.shared.held.remove(&self.id);
         let config = &self.shared.config;
-        if let Err(err) = config.store.complete(&self.key, self.token, outcome, config.ttl).await {
+        if let Err(err) = config
+            .store
+            .complete(&self.key, self.token, outcome, config.ttl)
+            .await
+        {
             tracing::error!(
                 error = %err,
                 key = ?self.key,
@@ -165,7 +174,10 @@ impl Drop for LockGuard {
             Ok(handle) => {
                 handle.spawn(async move { release(&shared, key, token).await });
             }
-            Err(_) => tracing::warn!(?key, "no runtime to release a dropped lock; its lease bounds it"),
+            Err(_) => tracing::warn!(
+                ?key,
+                "no runtime to release a dropped lock; its lease bounds it"
+            ),
         }
     }
 }
@@ -198,9 +210,11 @@ where
 {
     let config = &shared.config;
     let (parts, body) = req.into_parts();
-    let collected =
-        tokio::time::timeout(config.body_timeout, Limited::new(body, config.body_limit).collect())
-            .await;
+    let collected = tokio::time::timeout(
+        config.body_timeout,
+        Limited::new(body, config.body_limit).collect(),
+    )
+    .await;
     let body = match collected {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(err)) if err.is::<LengthLimitError>() => {
@@ -235,7 +249,10 @@ where
     };
     let mut backoff = Duration::from_millis(5);
     loop {
-        let begin = config.store.begin(&record, &fingerprint, config.lease).await;
+        let begin = config
+            .store
+            .begin(&record, &fingerprint, config.lease)
+            .await;
         let decision = match begin {
             Ok(Begin::Acquired(token)) => {
                 shared.metrics.record(Decision::Executed);
@@ -369,7 +386,10 @@ async fn drive<F, ResBody, E>(
     let (tx, rx) = mpsc::channel(4);
     let hint = body.size_hint();
     let mut connected = head_tx
-        .send(Ok(Response::from_parts(head, ResponseBody::channel(rx, hint))))
+        .send(Ok(Response::from_parts(
+            head,
+            ResponseBody::channel(rx, hint),
+        )))
         .is_ok();
     if !connected && cancel {
         return lock.release().await;

@@ -257,6 +257,9 @@ impl<S> Layer<S> for IdempotencyLayer {
     type Service = Idempotency<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency::new(inner, Shared::new(self.config.clone(), self.metrics.clone()))
+        Idempotency::new(
+            inner,
+            Shared::new(self.config.clone(), self.metrics.clone()),
+        )
     }
 }

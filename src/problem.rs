@@ -146,7 +146,10 @@ pub(crate) fn problem(
     headers.insert(header::CONTENT_TYPE, PROBLEM_JSON);
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     if let Some(after) = retry_after {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
+        headers.insert(
+            header::RETRY_AFTER,
+            HeaderValue::from(after.as_secs().max(1)),
+        );
     }
     response
 }

@@ -102,7 +102,9 @@ where
             }
             Err(err) => {
                 shared.metrics.record(Decision::Rejected);
-                return ResponseFuture::ready(shared.problem(ProblemKind::InvalidKey, &key_detail(err)));
+                return ResponseFuture::ready(
+                    shared.problem(ProblemKind::InvalidKey, &key_detail(err)),
+                );
             }
         };
         if declared_length(&req).is_some_and(|len| len > config.body_limit as u64) {
@@ -142,5 +144,7 @@ fn declared_length<B>(req: &Request<B>) -> Option<u64> {
 }
 
 fn key_detail(err: KeyError) -> String {
-    format!("{err}. A key is 1 to 255 visible ASCII characters, sent once, bare or as a quoted string.")
+    format!(
+        "{err}. A key is 1 to 255 visible ASCII characters, sent once, bare or as a quoted string."
+    )
 }

@@ -34,10 +34,21 @@ struct DeadStore;
 
 #[async_trait]
 impl Store for DeadStore {
-    async fn begin(&self, _: &RecordKey, _: &Fingerprint, _: Duration) -> Result<Begin, StoreError> {
+    async fn begin(
+        &self,
+        _: &RecordKey,
+        _: &Fingerprint,
+        _: Duration,
+    ) -> Result<Begin, StoreError> {
         Err(StoreError::backend("connection refused"))
     }
-    async fn complete(&self, _: &RecordKey, _: LockToken, _: Outcome, _: Duration) -> Result<(), StoreError> {
+    async fn complete(
+        &self,
+        _: &RecordKey,
+        _: LockToken,
+        _: Outcome,
+        _: Duration,
+    ) -> Result<(), StoreError> {
         Err(StoreError::backend("connection refused"))
     }
     async fn release(&self, _: &RecordKey, _: LockToken) -> Result<(), StoreError> {
@@ -51,12 +62,19 @@ impl Store for DeadStore {
 #[tokio::test]
 async fn dead_store_answers_503_and_does_not_run_the_handler() {
     let counter = Counter::default();
-    let svc = app(&IdempotencyLayer::new(DeadStore), counter.handler(Duration::ZERO));
-    let (status, headers, problem) = json(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
+    let svc = app(
+        &IdempotencyLayer::new(DeadStore),
+        counter.handler(Duration::ZERO),
+    );
+    let (status, headers, problem) =
+        json(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(headers["content-type"], "application/problem+json");
     assert!(headers.contains_key("retry-after"));
-    assert!(problem["type"].as_str().unwrap().ends_with("store-unavailable"));
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("store-unavailable"));
     assert_eq!(counter.runs(), 0);
 }
 
@@ -65,26 +83,36 @@ async fn dead_store_runs_the_handler_when_failing_open() {
     let counter = Counter::default();
     let layer = IdempotencyLayer::new(DeadStore).with_store_failure(StoreFailure::FailOpen);
     let svc = app(&layer, counter.handler(Duration::ZERO));
-    assert_eq!(send(&svc, post("/payments", Some(KEY), "{}")).await.status(), StatusCode::CREATED);
+    assert_eq!(
+        send(&svc, post("/payments", Some(KEY), "{}"))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
     assert_eq!(counter.runs(), 1);
 }
 
 fn panicking_handler(runs: Arc<AtomicUsize>) -> common::Handler {
-    tower::util::BoxCloneSyncService::new(service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
-        let run = runs.fetch_add(1, Ordering::SeqCst);
-        async move {
-            if run == 0 {
-                panic!("handler bug");
+    tower::util::BoxCloneSyncService::new(service_fn(
+        move |_: Request<RequestBody<Full<Bytes>>>| {
+            let run = runs.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if run == 0 {
+                    panic!("handler bug");
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"second run"))))
             }
-            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"second run"))))
-        }
-    }))
+        },
+    ))
 }
 
 #[tokio::test]
 async fn handler_panic_propagates_and_releases_the_key() {
     let runs = Arc::new(AtomicUsize::new(0));
-    let svc = app(&IdempotencyLayer::default(), panicking_handler(Arc::clone(&runs)));
+    let svc = app(
+        &IdempotencyLayer::default(),
+        panicking_handler(Arc::clone(&runs)),
+    );
     let first = tokio::spawn({
         let svc = svc.clone();
         async move { send(&svc, post("/payments", Some(KEY), "{}")).await }
@@ -116,9 +144,16 @@ async fn service_error_is_returned_and_releases_the_key() {
         })
     };
     let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
-    let err = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap_err();
+    let err = svc
+        .clone()
+        .oneshot(post("/payments", Some(KEY), "{}"))
+        .await
+        .unwrap_err();
     assert_eq!(err, "database down");
-    let retry = svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+    let retry = svc
+        .oneshot(post("/payments", Some(KEY), "{}"))
+        .await
+        .unwrap();
     assert_eq!(retry.status(), StatusCode::OK);
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
@@ -128,12 +163,25 @@ async fn response_body_that_fails_is_not_stored() {
     let runs = Arc::new(AtomicUsize::new(0));
     let handler = common::scripted_handler(Arc::clone(&runs), |run| {
         let body = common::Scripted::new(Duration::ZERO).data("partial");
-        if run == 1 { body.error("disk on fire") } else { body.data(" and whole") }
+        if run == 1 {
+            body.error("disk on fire")
+        } else {
+            body.data(" and whole")
+        }
     });
     let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
-    let first = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+    let first = svc
+        .clone()
+        .oneshot(post("/payments", Some(KEY), "{}"))
+        .await
+        .unwrap();
     assert!(first.into_body().collect().await.is_err());
-    let (_, body) = read(svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    let (_, body) = read(
+        svc.oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(body, "partial and whole");
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
@@ -142,15 +190,34 @@ async fn response_body_that_fails_is_not_stored() {
 async fn response_over_the_capture_limit_is_delivered_then_not_replayed() {
     let runs = Arc::new(AtomicUsize::new(0));
     let handler = common::scripted_handler(Arc::clone(&runs), |_| {
-        Scripted::new(Duration::ZERO).data(vec![b'a'; 600]).data(vec![b'b'; 600])
+        Scripted::new(Duration::ZERO)
+            .data(vec![b'a'; 600])
+            .data(vec![b'b'; 600])
     });
-    let svc = tower::Layer::layer(&IdempotencyLayer::default().with_response_limit(1000), handler);
-    let (first, body) = read(svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    let svc = tower::Layer::layer(
+        &IdempotencyLayer::default().with_response_limit(1000),
+        handler,
+    );
+    let (first, body) = read(
+        svc.clone()
+            .oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(body.len(), 1200);
-    let (status, _, problem) = json(svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    let (status, _, problem) = json(
+        svc.oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(status, StatusCode::CONFLICT);
-    assert!(problem["type"].as_str().unwrap().ends_with("response-not-replayable"));
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("response-not-replayable"));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
@@ -160,11 +227,17 @@ async fn trailers_are_stored_and_replayed() {
     let handler = common::scripted_handler(Arc::clone(&runs), |_| {
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", "0".parse().unwrap());
-        Scripted::new(Duration::ZERO).data("message").trailers(trailers)
+        Scripted::new(Duration::ZERO)
+            .data("message")
+            .trailers(trailers)
     });
     let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
     for _ in 0..2 {
-        let response = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+        let response = svc
+            .clone()
+            .oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap();
         let collected = response.into_body().collect().await.unwrap();
         assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
         assert_eq!(collected.to_bytes(), "message");
@@ -176,10 +249,16 @@ async fn trailers_are_stored_and_replayed() {
 async fn first_response_streams_before_the_handler_finishes() {
     let runs = Arc::new(AtomicUsize::new(0));
     let handler = common::scripted_handler(Arc::clone(&runs), |_| {
-        Scripted::new(Duration::from_millis(300)).data("one").data("two")
+        Scripted::new(Duration::from_millis(300))
+            .data("one")
+            .data("two")
     });
     let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
-    let response = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+    let response = svc
+        .clone()
+        .oneshot(post("/payments", Some(KEY), "{}"))
+        .await
+        .unwrap();
     let mut body = response.into_body();
     let started = tokio::time::Instant::now();
     let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
@@ -187,9 +266,17 @@ async fn first_response_streams_before_the_handler_finishes() {
     let first_at = started.elapsed();
     let second = body.frame().await.unwrap().unwrap().into_data().unwrap();
     assert_eq!(second, "two");
-    assert!(started.elapsed() >= first_at + Duration::from_millis(250), "the second chunk came with the first");
+    assert!(
+        started.elapsed() >= first_at + Duration::from_millis(250),
+        "the second chunk came with the first"
+    );
     assert!(body.frame().await.is_none());
-    let (_, replay) = read(svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    let (_, replay) = read(
+        svc.oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(replay, "onetwo");
 }
 
@@ -243,7 +330,10 @@ async fn post_and_read(addr: std::net::SocketAddr) -> String {
     response
 }
 
-fn slow_app(layer: IdempotencyLayer, counter: &Counter) -> impl tower::Service<
+fn slow_app(
+    layer: IdempotencyLayer,
+    counter: &Counter,
+) -> impl tower::Service<
     Request<hyper::body::Incoming>,
     Response = Response<tower_idempotency::body::ResponseBody<Full<Bytes>>>,
     Error = Infallible,
@@ -283,15 +373,30 @@ async fn client_hang_up_with_cancel_releases_the_key_and_the_retry_runs() {
 async fn client_hang_up_mid_body_still_stores_the_whole_response() {
     let runs = Arc::new(AtomicUsize::new(0));
     let handler = common::scripted_handler(Arc::clone(&runs), |_| {
-        Scripted::new(Duration::from_millis(100)).data("one,").data("two,").data("three")
+        Scripted::new(Duration::from_millis(100))
+            .data("one,")
+            .data("two,")
+            .data("three")
     });
     let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
-    let response = svc.clone().oneshot(post("/payments", Some(KEY), "{}")).await.unwrap();
+    let response = svc
+        .clone()
+        .oneshot(post("/payments", Some(KEY), "{}"))
+        .await
+        .unwrap();
     let mut body = response.into_body();
-    assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "one,");
+    assert_eq!(
+        body.frame().await.unwrap().unwrap().into_data().unwrap(),
+        "one,"
+    );
     drop(body);
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (head, replay) = read(svc.oneshot(post("/payments", Some(KEY), "{}")).await.unwrap()).await;
+    let (head, replay) = read(
+        svc.oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
     assert_eq!(head.headers["idempotent-replayed"], "true");
     assert_eq!(replay, "one,two,three");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -301,9 +406,14 @@ async fn client_hang_up_mid_body_still_stores_the_whole_response() {
 async fn dropped_response_future_with_cancel_leaves_no_lock_behind() {
     let store = MemoryStore::new();
     let counter = Counter::default();
-    let layer = IdempotencyLayer::new(store.clone()).with_client_disconnect(ClientDisconnect::Cancel);
+    let layer =
+        IdempotencyLayer::new(store.clone()).with_client_disconnect(ClientDisconnect::Cancel);
     let svc = app(&layer, counter.handler(Duration::from_millis(500)));
-    let pending = tokio::time::timeout(Duration::from_millis(50), send(&svc, post("/payments", Some(KEY), "{}"))).await;
+    let pending = tokio::time::timeout(
+        Duration::from_millis(50),
+        send(&svc, post("/payments", Some(KEY), "{}")),
+    )
+    .await;
     assert!(pending.is_err(), "the request should still be running");
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(store.len(), 0);

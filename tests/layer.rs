@@ -69,7 +69,10 @@ async fn configured_methods_are_covered() {
 #[tokio::test]
 async fn missing_key_is_refused_with_400_when_required() {
     let counter = Counter::default();
-    let svc = app(&layer().with_key_required(true), counter.handler(Duration::ZERO));
+    let svc = app(
+        &layer().with_key_required(true),
+        counter.handler(Duration::ZERO),
+    );
     let (status, headers, problem) = json(send(&svc, post("/payments", None, "{}")).await).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     assert_eq!(headers["content-type"], "application/problem+json");
@@ -116,7 +119,10 @@ async fn key_of_255_characters_is_accepted() {
 async fn key_with_a_space_or_non_ascii_byte_is_refused() {
     assert_invalid_key(post("/payments", Some("two words"), "{}")).await;
     let request = Request::post("/payments")
-        .header("idempotency-key", http::HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap())
+        .header(
+            "idempotency-key",
+            http::HeaderValue::from_bytes(b"caf\xc3\xa9").unwrap(),
+        )
         .body(Full::new(Bytes::new()))
         .unwrap();
     assert_invalid_key(request).await;
@@ -150,17 +156,27 @@ async fn quoted_and_bare_forms_name_the_same_key() {
 #[tokio::test]
 async fn body_declared_over_the_limit_gets_413_without_running() {
     let counter = Counter::default();
-    let svc = app(&layer().with_body_limit(16), counter.handler(Duration::ZERO));
-    let (status, _, problem) = json(send(&svc, post("/payments", Some(KEY), &"x".repeat(17))).await).await;
+    let svc = app(
+        &layer().with_body_limit(16),
+        counter.handler(Duration::ZERO),
+    );
+    let (status, _, problem) =
+        json(send(&svc, post("/payments", Some(KEY), &"x".repeat(17))).await).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert!(problem["type"].as_str().unwrap().ends_with("body-too-large"));
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("body-too-large"));
     assert_eq!(counter.runs(), 0);
 }
 
 #[tokio::test]
 async fn streamed_body_over_the_limit_gets_413_without_running() {
     let counter = Counter::default();
-    let svc = app(&layer().with_body_limit(16), counter.handler(Duration::ZERO));
+    let svc = app(
+        &layer().with_body_limit(16),
+        counter.handler(Duration::ZERO),
+    );
     let request = Request::post("/payments")
         .header("idempotency-key", KEY)
         .body(Chunks::new(["xxxxxx"; 4], false))
@@ -191,7 +207,8 @@ async fn body_that_never_ends_gets_408_without_running() {
 async fn first_use_runs_the_handler_and_returns_its_response() {
     let counter = Counter::default();
     let svc = app(&layer(), counter.handler(Duration::ZERO));
-    let (status, headers, body) = json(send(&svc, post("/payments", Some(KEY), r#"{"amount":5}"#)).await).await;
+    let (status, headers, body) =
+        json(send(&svc, post("/payments", Some(KEY), r#"{"amount":5}"#)).await).await;
     assert_eq!(status, StatusCode::CREATED);
     assert!(headers.get("idempotent-replayed").is_none());
     assert_eq!(body["run"], 1);
@@ -219,13 +236,21 @@ async fn duplicate_while_in_flight_gets_409_with_retry_after() {
     let svc = app(&layer(), counter.handler(Duration::from_millis(300)));
     let first = tokio::spawn({
         let svc = svc.clone();
-        async move { send(&svc, post("/payments", Some(KEY), "{}")).await.status() }
+        async move {
+            send(&svc, post("/payments", Some(KEY), "{}"))
+                .await
+                .status()
+        }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let (status, headers, problem) = json(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
+    let (status, headers, problem) =
+        json(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(headers["retry-after"], "1");
-    assert!(problem["type"].as_str().unwrap().ends_with("request-in-flight"));
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("request-in-flight"));
     assert_eq!(first.await.unwrap(), StatusCode::CREATED);
     assert_eq!(counter.runs(), 1);
 }
@@ -259,7 +284,11 @@ async fn waiting_duplicate_gets_409_when_the_wait_runs_out() {
     );
     let first = tokio::spawn({
         let svc = svc.clone();
-        async move { send(&svc, post("/payments", Some(KEY), "{}")).await.status() }
+        async move {
+            send(&svc, post("/payments", Some(KEY), "{}"))
+                .await
+                .status()
+        }
     });
     tokio::time::sleep(Duration::from_millis(30)).await;
     let waited = send(&svc, post("/payments", Some(KEY), "{}")).await;
@@ -269,8 +298,15 @@ async fn waiting_duplicate_gets_409_when_the_wait_runs_out() {
 
 async fn assert_mismatch(second: Request<Full<Bytes>>) {
     let counter = Counter::default();
-    let svc = app(&layer().with_methods([http::Method::POST, http::Method::PATCH]), counter.handler(Duration::ZERO));
-    send(&svc, post("/payments?currency=eur", Some(KEY), r#"{"amount":5}"#)).await;
+    let svc = app(
+        &layer().with_methods([http::Method::POST, http::Method::PATCH]),
+        counter.handler(Duration::ZERO),
+    );
+    send(
+        &svc,
+        post("/payments?currency=eur", Some(KEY), r#"{"amount":5}"#),
+    )
+    .await;
     let (status, headers, problem) = json(send(&svc, second).await).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(headers["content-type"], "application/problem+json");
@@ -306,7 +342,9 @@ async fn same_key_with_another_method_gets_422() {
 #[tokio::test]
 async fn same_key_with_another_content_type_gets_422() {
     let mut request = post("/payments?currency=eur", Some(KEY), r#"{"amount":5}"#);
-    request.headers_mut().insert("content-type", "text/plain".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("content-type", "text/plain".parse().unwrap());
     assert_mismatch(request).await;
 }
 
@@ -330,7 +368,9 @@ async fn same_key_from_another_authorization_is_another_record() {
     let svc = app(&layer(), counter.handler(Duration::ZERO));
     let as_user = |token: &str| {
         let mut request = post("/payments", Some(KEY), "{}");
-        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
         request
     };
     let (_, _, alice) = json(send(&svc, as_user("alice")).await).await;
@@ -346,23 +386,35 @@ async fn same_key_from_another_authorization_is_another_record() {
 #[tokio::test]
 async fn custom_scope_separates_tenants() {
     let counter = Counter::default();
-    let layer = layer().with_scope(|parts| parts.headers.get("x-tenant").map(|v| v.as_bytes().to_vec()));
+    let layer =
+        layer().with_scope(|parts| parts.headers.get("x-tenant").map(|v| v.as_bytes().to_vec()));
     let svc = app(&layer, counter.handler(Duration::ZERO));
     for tenant in ["a", "b", "a"] {
         let mut request = post("/payments", Some(KEY), "{}");
-        request.headers_mut().insert("x-tenant", tenant.parse().unwrap());
+        request
+            .headers_mut()
+            .insert("x-tenant", tenant.parse().unwrap());
         send(&svc, request).await;
     }
     assert_eq!(counter.runs(), 2);
 }
 
-async fn runs_after_retry(status: StatusCode, mark: fn(http::response::Builder) -> http::response::Builder, policy: Option<KeepPolicy>) -> usize {
+async fn runs_after_retry(
+    status: StatusCode,
+    mark: fn(http::response::Builder) -> http::response::Builder,
+    policy: Option<KeepPolicy>,
+) -> usize {
     let counter = Counter::default();
     let mut layer = layer();
     if let Some(policy) = policy {
         layer = layer.with_keep_policy(policy);
     }
-    let svc = app(&layer, counter.respond_with(Duration::ZERO, move |_, _| mark(Response::builder().status(status))));
+    let svc = app(
+        &layer,
+        counter.respond_with(Duration::ZERO, move |_, _| {
+            mark(Response::builder().status(status))
+        }),
+    );
     for _ in 0..2 {
         let response = send(&svc, post("/payments", Some(KEY), "{}")).await;
         assert_eq!(response.status(), status);
@@ -372,36 +424,63 @@ async fn runs_after_retry(status: StatusCode, mark: fn(http::response::Builder) 
 
 #[tokio::test]
 async fn server_error_is_kept_and_replayed_by_default() {
-    assert_eq!(runs_after_retry(StatusCode::INTERNAL_SERVER_ERROR, |b| b, None).await, 1);
+    assert_eq!(
+        runs_after_retry(StatusCode::INTERNAL_SERVER_ERROR, |b| b, None).await,
+        1
+    );
 }
 
 #[tokio::test]
 async fn client_error_is_kept_and_replayed_by_default() {
-    assert_eq!(runs_after_retry(StatusCode::BAD_REQUEST, |b| b, None).await, 1);
+    assert_eq!(
+        runs_after_retry(StatusCode::BAD_REQUEST, |b| b, None).await,
+        1
+    );
 }
 
 #[tokio::test]
 async fn statuses_that_say_not_processed_release_the_key() {
-    for status in [StatusCode::REQUEST_TIMEOUT, StatusCode::TOO_MANY_REQUESTS, StatusCode::SERVICE_UNAVAILABLE] {
+    for status in [
+        StatusCode::REQUEST_TIMEOUT,
+        StatusCode::TOO_MANY_REQUESTS,
+        StatusCode::SERVICE_UNAVAILABLE,
+    ] {
         assert_eq!(runs_after_retry(status, |b| b, None).await, 2, "{status}");
     }
 }
 
 #[tokio::test]
 async fn not_executed_extension_releases_the_key() {
-    assert_eq!(runs_after_retry(StatusCode::OK, |b| b.extension(NotExecuted), None).await, 2);
+    assert_eq!(
+        runs_after_retry(StatusCode::OK, |b| b.extension(NotExecuted), None).await,
+        2
+    );
 }
 
 #[tokio::test]
 async fn cache_control_no_store_releases_the_key() {
-    assert_eq!(runs_after_retry(StatusCode::OK, |b| b.header("cache-control", "private, no-store"), None).await, 2);
+    assert_eq!(
+        runs_after_retry(
+            StatusCode::OK,
+            |b| b.header("cache-control", "private, no-store"),
+            None
+        )
+        .await,
+        2
+    );
 }
 
 #[tokio::test]
 async fn replaced_policy_keeps_only_what_it_says() {
     let only_2xx = || Some(KeepPolicy::successes_only());
-    assert_eq!(runs_after_retry(StatusCode::INTERNAL_SERVER_ERROR, |b| b, only_2xx()).await, 2);
-    assert_eq!(runs_after_retry(StatusCode::CREATED, |b| b, only_2xx()).await, 1);
+    assert_eq!(
+        runs_after_retry(StatusCode::INTERNAL_SERVER_ERROR, |b| b, only_2xx()).await,
+        2
+    );
+    assert_eq!(
+        runs_after_retry(StatusCode::CREATED, |b| b, only_2xx()).await,
+        1
+    );
 }
 
 #[tokio::test]
@@ -412,7 +491,10 @@ async fn problem_type_uses_the_configured_base() {
         counter.handler(Duration::ZERO),
     );
     let (_, _, problem) = json(send(&svc, post("/payments", Some(""), "{}")).await).await;
-    assert_eq!(problem["type"], "https://api.example.com/errors/invalid-key");
+    assert_eq!(
+        problem["type"],
+        "https://api.example.com/errors/invalid-key"
+    );
     assert_eq!(problem["title"], ProblemKind::InvalidKey.title());
     assert_eq!(problem["status"], 400);
 }
@@ -420,7 +502,10 @@ async fn problem_type_uses_the_configured_base() {
 #[tokio::test(start_paused = true)]
 async fn key_is_new_again_after_the_ttl() {
     let counter = Counter::default();
-    let svc = app(&layer().with_ttl(Duration::from_secs(60)), counter.handler(Duration::ZERO));
+    let svc = app(
+        &layer().with_ttl(Duration::from_secs(60)),
+        counter.handler(Duration::ZERO),
+    );
     send(&svc, post("/payments", Some(KEY), "{}")).await;
     tokio::time::advance(Duration::from_secs(59)).await;
     let replay = send(&svc, post("/payments", Some(KEY), "{}")).await;
@@ -453,13 +538,20 @@ async fn memory_store_frees_expired_records_without_access() {
 async fn full_memory_store_answers_503_for_new_keys_and_keeps_old_ones() {
     let store = MemoryStore::new().with_limits(MemoryLimits::new(2, 1024 * 1024));
     let counter = Counter::default();
-    let svc = app(&IdempotencyLayer::new(store), counter.handler(Duration::ZERO));
+    let svc = app(
+        &IdempotencyLayer::new(store),
+        counter.handler(Duration::ZERO),
+    );
     send(&svc, post("/payments", Some("a"), "{}")).await;
     send(&svc, post("/payments", Some("b"), "{}")).await;
-    let (status, headers, problem) = json(send(&svc, post("/payments", Some("c"), "{}")).await).await;
+    let (status, headers, problem) =
+        json(send(&svc, post("/payments", Some("c"), "{}")).await).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(headers.contains_key("retry-after"));
-    assert!(problem["type"].as_str().unwrap().ends_with("store-unavailable"));
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("store-unavailable"));
     let replay = send(&svc, post("/payments", Some("a"), "{}")).await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(counter.runs(), 2);
@@ -475,7 +567,9 @@ async fn concurrent_requests_on_one_key_run_the_handler_once() {
     let tasks: Vec<_> = (0..64)
         .map(|_| {
             let svc = svc.clone();
-            tokio::spawn(async move { read(send(&svc, post("/payments", Some(KEY), "{}")).await).await })
+            tokio::spawn(
+                async move { read(send(&svc, post("/payments", Some(KEY), "{}")).await).await },
+            )
         })
         .collect();
     let mut bodies = Vec::new();
@@ -495,7 +589,11 @@ async fn concurrent_duplicates_without_waiting_get_409_or_the_replay() {
     let tasks: Vec<_> = (0..64)
         .map(|_| {
             let svc = svc.clone();
-            tokio::spawn(async move { send(&svc, post("/payments", Some(KEY), "{}")).await.status() })
+            tokio::spawn(async move {
+                send(&svc, post("/payments", Some(KEY), "{}"))
+                    .await
+                    .status()
+            })
         })
         .collect();
     let mut created = 0;
@@ -533,8 +631,14 @@ async fn metrics_count_each_decision() {
 async fn shared_store_behind_an_arc_serves_two_layers() {
     let store: Arc<dyn tower_idempotency::Store> = Arc::new(MemoryStore::new());
     let counter = Counter::default();
-    let a = app(&IdempotencyLayer::with_shared_store(Arc::clone(&store)), counter.handler(Duration::ZERO));
-    let b = app(&IdempotencyLayer::new(store), counter.handler(Duration::ZERO));
+    let a = app(
+        &IdempotencyLayer::with_shared_store(Arc::clone(&store)),
+        counter.handler(Duration::ZERO),
+    );
+    let b = app(
+        &IdempotencyLayer::new(store),
+        counter.handler(Duration::ZERO),
+    );
     send(&a, post("/payments", Some(KEY), "{}")).await;
     let replay = send(&b, post("/payments", Some(KEY), "{}")).await;
     assert_eq!(replay.headers()["idempotent-replayed"], "true");

@@ -50,7 +50,11 @@ async fn same_key_and_body_return_the_same_payment() {
     assert_eq!(listed, vec![first.clone()]);
 
     let one: Value = client
-        .get(format!("{}/payments/{}", server.base, first["id"].as_str().unwrap()))
+        .get(format!(
+            "{}/payments/{}",
+            server.base,
+            first["id"].as_str().unwrap()
+        ))
         .send()
         .await
         .unwrap()
@@ -64,9 +68,18 @@ async fn same_key_and_body_return_the_same_payment() {
 async fn payment_without_a_key_is_refused() {
     let server = process::start("payments", &[]);
     let client = reqwest::Client::new();
-    let response = create(&client, &server.base, None, &json!({"amount": 1, "currency": "EUR"})).await;
+    let response = create(
+        &client,
+        &server.base,
+        None,
+        &json!({"amount": 1, "currency": "EUR"}),
+    )
+    .await;
     assert_eq!(response.status(), 400);
-    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    assert_eq!(
+        response.headers()["content-type"],
+        "application/problem+json"
+    );
 }
 
 #[tokio::test]
@@ -92,8 +105,20 @@ async fn invalid_payments_get_400() {
 async fn reused_key_with_another_body_gets_422() {
     let server = process::start("payments", &[]);
     let client = reqwest::Client::new();
-    create(&client, &server.base, Some(KEY), &json!({"amount": 1, "currency": "EUR"})).await;
-    let response = create(&client, &server.base, Some(KEY), &json!({"amount": 2, "currency": "EUR"})).await;
+    create(
+        &client,
+        &server.base,
+        Some(KEY),
+        &json!({"amount": 1, "currency": "EUR"}),
+    )
+    .await;
+    let response = create(
+        &client,
+        &server.base,
+        Some(KEY),
+        &json!({"amount": 2, "currency": "EUR"}),
+    )
+    .await;
     assert_eq!(response.status(), 422);
 }
 
@@ -105,17 +130,29 @@ async fn concurrent_duplicates_over_http_create_one_payment() {
     let tasks: Vec<_> = (0..32)
         .map(|_| {
             let (client, base, body) = (client.clone(), server.base.clone(), body.clone());
-            tokio::spawn(async move { create(&client, &base, Some(KEY), &body).await.status().as_u16() })
+            tokio::spawn(async move {
+                create(&client, &base, Some(KEY), &body)
+                    .await
+                    .status()
+                    .as_u16()
+            })
         })
         .collect();
     let mut statuses = Vec::new();
     for task in tasks {
         statuses.push(task.await.unwrap());
     }
-    assert!(statuses.iter().all(|s| *s == 201 || *s == 409), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 409),
+        "{statuses:?}"
+    );
     assert_eq!(statuses.iter().filter(|s| **s == 201).count(), 1);
 
-    let retry: Value = create(&client, &server.base, Some(KEY), &body).await.json().await.unwrap();
+    let retry: Value = create(&client, &server.base, Some(KEY), &body)
+        .await
+        .json()
+        .await
+        .unwrap();
     let listed: Vec<Value> = client
         .get(format!("{}/payments", server.base))
         .send()

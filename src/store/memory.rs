@@ -282,7 +282,10 @@ impl Store for MemoryStore {
                 if self.inner.reserve_bytes(size) {
                     State::Completed(Arc::new(response), size)
                 } else {
-                    tracing::warn!(size, "memory store byte budget exhausted; response kept as not replayable");
+                    tracing::warn!(
+                        size,
+                        "memory store byte budget exhausted; response kept as not replayable"
+                    );
                     State::NotReplayable
                 }
             }
@@ -292,9 +295,10 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        let removed = self.inner.map.remove_if(key, |_, entry| {
-            matches!(entry.state, State::InFlight(held) if held == token)
-        });
+        let removed = self.inner.map.remove_if(
+            key,
+            |_, entry| matches!(entry.state, State::InFlight(held) if held == token),
+        );
         match removed {
             Some((_, entry)) => {
                 self.inner.forget(&entry);

@@ -114,10 +114,27 @@ impl StoredResponse {
     }
 }
 
+/// Encodes a header map on its own, for stores that keep columns.
+pub(crate) fn encode_headers(map: &HeaderMap) -> Vec<u8> {
+    let mut out = BytesMut::new();
+    put_map(&mut out, map);
+    out.to_vec()
+}
+
+/// Decodes what [`encode_headers`] wrote.
+pub(crate) fn decode_headers(bytes: Vec<u8>) -> Result<HeaderMap, DecodeError> {
+    let mut bytes = Bytes::from(bytes);
+    let map = take_map(&mut bytes)?;
+    if !bytes.is_empty() {
+        return Err(DecodeError("trailing bytes after headers"));
+    }
+    Ok(map)
+}
+
 /// A stored record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct DecodeError(&'static str);
+pub struct DecodeError(pub(crate) &'static str);
 
 const MAGIC: &[u8] = b"TIR1";
 
@@ -138,8 +155,8 @@ fn take_map(bytes: &mut Bytes) -> Result<HeaderMap, DecodeError> {
         let name = take_field(bytes)?;
         let value = take_field(bytes)?;
         let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError("invalid header name"))?;
-        let value =
-            HeaderValue::from_maybe_shared(value).map_err(|_| DecodeError("invalid header value"))?;
+        let value = HeaderValue::from_maybe_shared(value)
+            .map_err(|_| DecodeError("invalid header value"))?;
         map.append(name, value);
     }
     Ok(map)
@@ -187,7 +204,10 @@ mod tests {
 
     fn sample() -> StoredResponse {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
         headers.append("x-multi", HeaderValue::from_static("a"));
         headers.append("x-multi", HeaderValue::from_static("b"));
         let mut trailers = HeaderMap::new();
@@ -210,17 +230,26 @@ mod tests {
     fn every_truncation_is_a_decode_error() {
         let encoded = sample().encode();
         for len in 0..encoded.len() {
-            assert!(StoredResponse::decode(encoded.slice(..len)).is_err(), "len {len}");
+            assert!(
+                StoredResponse::decode(encoded.slice(..len)).is_err(),
+                "len {len}"
+            );
         }
     }
 
     #[test]
     fn hop_by_hop_headers_are_not_stored() {
         let mut headers = HeaderMap::new();
-        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-private"));
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-private"),
+        );
         headers.insert("x-private", HeaderValue::from_static("1"));
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
         let record = StoredResponse::new(StatusCode::OK, headers, Bytes::from_static(b"ok"), None);

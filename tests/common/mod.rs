@@ -34,7 +34,9 @@ impl Counter {
     }
 
     pub fn handler<B: RequestBodyBound>(&self, delay: Duration) -> Handler<B> {
-        self.respond_with(delay, |_, _| Response::builder().status(StatusCode::CREATED))
+        self.respond_with(delay, |_, _| {
+            Response::builder().status(StatusCode::CREATED)
+        })
     }
 
     /// A handler whose response head comes from `head(run, request)`.
@@ -92,7 +94,10 @@ where
 }
 
 /// A service made of `layer` over `handler`, ready for `oneshot`.
-pub fn app<B>(layer: &IdempotencyLayer, handler: Handler<B>) -> tower_idempotency::Idempotency<Handler<B>> {
+pub fn app<B>(
+    layer: &IdempotencyLayer,
+    handler: Handler<B>,
+) -> tower_idempotency::Idempotency<Handler<B>> {
     layer.layer(handler)
 }
 
@@ -106,7 +111,10 @@ pub struct Chunks {
 impl Chunks {
     pub fn new(chunks: impl IntoIterator<Item = &'static str>, hang: bool) -> Self {
         Self {
-            chunks: chunks.into_iter().map(|c: &'static str| Bytes::from_static(c.as_bytes())).collect(),
+            chunks: chunks
+                .into_iter()
+                .map(|c: &'static str| Bytes::from_static(c.as_bytes()))
+                .collect(),
             hang,
         }
     }
@@ -133,7 +141,9 @@ pub fn post(path: &str, key: Option<&str>, body: &str) -> Request<Full<Bytes>> {
     if let Some(key) = key {
         builder = builder.header("idempotency-key", key);
     }
-    builder.body(Full::new(Bytes::from(body.to_owned()))).unwrap()
+    builder
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap()
 }
 
 /// Status, headers and whole body of a response.
@@ -177,21 +187,28 @@ pub struct Scripted {
 
 impl Scripted {
     pub fn new(gap: Duration) -> Self {
-        Self { frames: Default::default(), gap, sleep: None }
+        Self {
+            frames: Default::default(),
+            gap,
+            sleep: None,
+        }
     }
 
     pub fn data(mut self, data: impl Into<Bytes>) -> Self {
-        self.frames.push_back(Ok(http_body::Frame::data(data.into())));
+        self.frames
+            .push_back(Ok(http_body::Frame::data(data.into())));
         self
     }
 
     pub fn trailers(mut self, trailers: http::HeaderMap) -> Self {
-        self.frames.push_back(Ok(http_body::Frame::trailers(trailers)));
+        self.frames
+            .push_back(Ok(http_body::Frame::trailers(trailers)));
         self
     }
 
     pub fn error(mut self, message: &str) -> Self {
-        self.frames.push_back(Err(std::io::Error::other(message.to_owned())));
+        self.frames
+            .push_back(Err(std::io::Error::other(message.to_owned())));
         self
     }
 }
@@ -206,7 +223,9 @@ impl http_body::Body for Scripted {
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, std::io::Error>>> {
         if !self.gap.is_zero() {
             let gap = self.gap;
-            let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
+            let sleep = self
+                .sleep
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(gap)));
             std::task::ready!(sleep.as_mut().poll(cx));
             self.sleep = None;
         }

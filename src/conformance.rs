@@ -1,0 +1,355 @@
+//! The behaviour every [`Store`] must have, as checks a store author runs.
+//!
+//! [`store_conformance_tests!`](crate::store_conformance_tests) turns each
+//! check into a `#[tokio::test]` for your store; the crate runs the same
+//! checks against [`MemoryStore`](crate::store::MemoryStore), `RedisStore`
+//! and `PostgresStore`. Each check uses fresh random keys, so one store may
+//! serve them all, concurrently.
+//!
+//! ```ignore
+//! // tests/conformance.rs of a crate with its own store; needs tokio with
+//! // the `macros` and `rt-multi-thread` features as a dev-dependency.
+//! tower_idempotency::store_conformance_tests!(async { my_crate::MyStore::new() });
+//! ```
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::{
+    key::{Fingerprint, RecordKey},
+    store::{Begin, LockToken, Outcome, Store, StoreError, StoredResponse},
+};
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(60);
+/// Short enough to wait out in a test, long enough for a remote round trip.
+const SHORT: Duration = Duration::from_millis(400);
+
+fn fresh_key() -> RecordKey {
+    RecordKey::new(b"conformance", &LockToken::random().to_string())
+}
+
+fn fingerprint(tag: u8) -> Fingerprint {
+    Fingerprint::from_bytes([tag; 32])
+}
+
+/// A response with everything a record can hold: repeated headers, a binary
+/// body and trailers.
+pub fn sample_response() -> StoredResponse {
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", HeaderValue::from_static("application/json"));
+    headers.append("set-cookie", HeaderValue::from_static("a=1"));
+    headers.append("set-cookie", HeaderValue::from_static("b=2"));
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    let body: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    StoredResponse::new(
+        StatusCode::CREATED,
+        headers,
+        Bytes::from(body),
+        Some(trailers),
+    )
+}
+
+async fn acquire(store: &impl Store, key: &RecordKey, fp: u8, lease: Duration) -> LockToken {
+    match store.begin(key, &fingerprint(fp), lease).await {
+        Ok(Begin::Acquired(token)) => token,
+        other => panic!("expected Acquired on a free key, got {other:?}"),
+    }
+}
+
+async fn begin(store: &impl Store, key: &RecordKey, fp: u8) -> Begin {
+    store
+        .begin(key, &fingerprint(fp), LEASE)
+        .await
+        .expect("begin must succeed on a healthy store")
+}
+
+/// A free key is acquired.
+pub async fn first_begin_acquires(store: &impl Store) {
+    acquire(store, &fresh_key(), 1, LEASE).await;
+}
+
+/// A held key answers `InFlight` to the same fingerprint.
+pub async fn held_key_is_in_flight(store: &impl Store) {
+    let key = fresh_key();
+    acquire(store, &key, 1, LEASE).await;
+    assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
+}
+
+/// A held key answers `Mismatch` to another fingerprint.
+pub async fn held_key_with_other_fingerprint_is_mismatch(store: &impl Store) {
+    let key = fresh_key();
+    acquire(store, &key, 1, LEASE).await;
+    assert!(matches!(begin(store, &key, 2).await, Begin::Mismatch));
+}
+
+/// A completed key replays exactly what was stored.
+pub async fn completed_key_replays_the_stored_response(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    store
+        .complete(&key, token, Outcome::Response(sample_response()), TTL)
+        .await
+        .expect("complete by the holder");
+    match begin(store, &key, 1).await {
+        Begin::Completed(stored) => assert_eq!(*stored, sample_response()),
+        other => panic!("expected Completed, got {other:?}"),
+    }
+}
+
+/// A completed response with an empty body and no trailers round-trips.
+pub async fn empty_response_round_trips(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    let empty = StoredResponse::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new(), None);
+    store
+        .complete(&key, token, Outcome::Response(empty.clone()), TTL)
+        .await
+        .expect("complete by the holder");
+    match begin(store, &key, 1).await {
+        Begin::Completed(stored) => assert_eq!(*stored, empty),
+        other => panic!("expected Completed, got {other:?}"),
+    }
+}
+
+/// A completed key answers `Mismatch` to another fingerprint.
+pub async fn completed_key_with_other_fingerprint_is_mismatch(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    store
+        .complete(&key, token, Outcome::Response(sample_response()), TTL)
+        .await
+        .expect("complete by the holder");
+    assert!(matches!(begin(store, &key, 2).await, Begin::Mismatch));
+}
+
+/// A key completed as not replayable says so.
+pub async fn not_replayable_outcome_is_reported(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    store
+        .complete(&key, token, Outcome::NotReplayable, TTL)
+        .await
+        .expect("complete by the holder");
+    assert!(matches!(begin(store, &key, 1).await, Begin::NotReplayable));
+}
+
+/// A released key is free again, for any fingerprint.
+pub async fn released_key_is_free_again(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    store
+        .release(&key, token)
+        .await
+        .expect("release by the holder");
+    acquire(store, &key, 2, LEASE).await;
+}
+
+/// A token that never held the key can neither complete, release nor renew.
+pub async fn foreign_token_is_refused(store: &impl Store) {
+    let key = fresh_key();
+    acquire(store, &key, 1, LEASE).await;
+    let stranger = LockToken::random();
+    let outcome = Outcome::Response(sample_response());
+    assert!(matches!(
+        store.complete(&key, stranger, outcome, TTL).await,
+        Err(StoreError::LockLost)
+    ));
+    assert!(matches!(
+        store.release(&key, stranger).await,
+        Err(StoreError::LockLost)
+    ));
+    assert!(matches!(
+        store.renew(&key, stranger, LEASE).await,
+        Err(StoreError::LockLost)
+    ));
+    assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
+}
+
+/// Once completed, the lock is gone: the old token cannot release it.
+pub async fn completed_key_cannot_be_released(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    store
+        .complete(&key, token, Outcome::Response(sample_response()), TTL)
+        .await
+        .expect("complete by the holder");
+    assert!(matches!(
+        store.release(&key, token).await,
+        Err(StoreError::LockLost)
+    ));
+    assert!(matches!(begin(store, &key, 1).await, Begin::Completed(_)));
+}
+
+/// When a lease runs out, another request takes the key over, and the old
+/// holder can no longer complete, release or renew it.
+pub async fn expired_lease_is_taken_over_and_fences_the_old_holder(store: &impl Store) {
+    let key = fresh_key();
+    let old = acquire(store, &key, 1, SHORT).await;
+    tokio::time::sleep(SHORT * 2).await;
+    let new = acquire(store, &key, 1, LEASE).await;
+    assert_ne!(old, new);
+    let outcome = Outcome::Response(sample_response());
+    assert!(matches!(
+        store.complete(&key, old, outcome, TTL).await,
+        Err(StoreError::LockLost)
+    ));
+    assert!(matches!(
+        store.release(&key, old).await,
+        Err(StoreError::LockLost)
+    ));
+    assert!(matches!(
+        store.renew(&key, old, LEASE).await,
+        Err(StoreError::LockLost)
+    ));
+    assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
+    store
+        .complete(&key, new, Outcome::Response(sample_response()), TTL)
+        .await
+        .expect("the new holder completes");
+}
+
+/// Renewing keeps a lease alive past its first expiry.
+pub async fn renewed_lease_outlives_its_first_expiry(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, SHORT).await;
+    for _ in 0..3 {
+        tokio::time::sleep(SHORT / 2).await;
+        store
+            .renew(&key, token, SHORT)
+            .await
+            .expect("renew by the holder");
+    }
+    assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
+}
+
+/// After its TTL, a completed key is free again.
+pub async fn completed_key_expires_after_its_ttl(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    store
+        .complete(&key, token, Outcome::Response(sample_response()), SHORT)
+        .await
+        .expect("complete by the holder");
+    assert!(matches!(begin(store, &key, 1).await, Begin::Completed(_)));
+    tokio::time::sleep(SHORT * 2).await;
+    acquire(store, &key, 2, LEASE).await;
+}
+
+/// Two keys never affect each other.
+pub async fn keys_are_independent(store: &impl Store) {
+    let (a, b) = (fresh_key(), fresh_key());
+    let token = acquire(store, &a, 1, LEASE).await;
+    acquire(store, &b, 1, LEASE).await;
+    store
+        .release(&a, token)
+        .await
+        .expect("release by the holder");
+    assert!(matches!(begin(store, &b, 1).await, Begin::InFlight));
+}
+
+/// Many tasks racing to begin one key: exactly one acquires.
+pub async fn concurrent_begins_acquire_exactly_once<S: Store + Clone>(store: &S) {
+    let key = fresh_key();
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.begin(&key, &fingerprint(1), LEASE).await })
+        })
+        .collect();
+    let mut acquired = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok(Begin::Acquired(_)) => acquired += 1,
+            Ok(Begin::InFlight) => {}
+            other => panic!("unexpected answer in a race: {other:?}"),
+        }
+    }
+    assert_eq!(acquired, 1);
+}
+
+/// Many tasks racing on one key whose holder completes midway: each sees
+/// the lock, the replay, or (once) the acquisition, never a torn record.
+pub async fn concurrent_readers_see_whole_records<S: Store + Clone>(store: &S) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    let readers: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..8 {
+                    match store.begin(&key, &fingerprint(1), LEASE).await {
+                        Ok(Begin::InFlight) => {}
+                        Ok(Begin::Completed(stored)) => assert_eq!(*stored, sample_response()),
+                        other => panic!("unexpected answer: {other:?}"),
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        })
+        .collect();
+    store
+        .complete(&key, token, Outcome::Response(sample_response()), TTL)
+        .await
+        .expect("complete by the holder");
+    for reader in readers {
+        reader.await.expect("reader");
+    }
+}
+
+/// The store works behind `Arc<dyn Store>`, as the layer holds it.
+pub async fn works_as_a_trait_object<S: Store + Clone>(store: &S) {
+    let shared: Arc<dyn Store> = Arc::new(store.clone());
+    let key = fresh_key();
+    let token = match shared.begin(&key, &fingerprint(1), LEASE).await {
+        Ok(Begin::Acquired(token)) => token,
+        other => panic!("expected Acquired, got {other:?}"),
+    };
+    shared
+        .release(&key, token)
+        .await
+        .expect("release through the trait object");
+}
+
+/// Generates one `#[tokio::test]` per conformance check for the store that
+/// `$make` (a future) produces. The store must be `Clone`.
+///
+/// ```ignore
+/// tower_idempotency::store_conformance_tests!(async { tower_idempotency::MemoryStore::new() });
+/// ```
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($make:expr) => {
+        $crate::store_conformance_tests!(@each $make;
+            first_begin_acquires,
+            held_key_is_in_flight,
+            held_key_with_other_fingerprint_is_mismatch,
+            completed_key_replays_the_stored_response,
+            empty_response_round_trips,
+            completed_key_with_other_fingerprint_is_mismatch,
+            not_replayable_outcome_is_reported,
+            released_key_is_free_again,
+            foreign_token_is_refused,
+            completed_key_cannot_be_released,
+            expired_lease_is_taken_over_and_fences_the_old_holder,
+            renewed_lease_outlives_its_first_expiry,
+            completed_key_expires_after_its_ttl,
+            keys_are_independent,
+            concurrent_begins_acquire_exactly_once,
+            concurrent_readers_see_whole_records,
+            works_as_a_trait_object
+        );
+    };
+    (@each $make:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let store = $make.await;
+                $crate::conformance::$check(&store).await;
+            }
+        )+
+    };
+}

@@ -1,0 +1,230 @@
+use std::{fmt, time::Duration};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::{aio::ConnectionManager, Script};
+
+use super::{Begin, LockToken, Outcome, Store, StoreError, StoredResponse};
+use crate::key::{Fingerprint, RecordKey};
+
+/// Each record is one hash: `f` fingerprint, `s` state (`i` in flight, `c`
+/// completed, `n` not replayable), `t` lock token, `r` encoded response.
+/// The key's own expiry is the lease while in flight and the TTL after.
+const BEGIN: &str = r"
+local k = KEYS[1]
+local rec = redis.call('HMGET', k, 's', 'f')
+if not rec[1] then
+  redis.call('HSET', k, 'f', ARGV[1], 's', 'i', 't', ARGV[2])
+  redis.call('PEXPIRE', k, ARGV[3])
+  return {'acquired', ''}
+end
+if rec[2] ~= ARGV[1] then return {'mismatch', ''} end
+if rec[1] == 'i' then return {'in_flight', ''} end
+if rec[1] == 'n' then return {'not_replayable', ''} end
+return {'completed', redis.call('HGET', k, 'r')}
+";
+
+const COMPLETE: &str = r"
+local k = KEYS[1]
+local rec = redis.call('HMGET', k, 's', 't')
+if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', k, 's', ARGV[2], 'r', ARGV[3])
+redis.call('PEXPIRE', k, ARGV[4])
+return 1
+";
+
+const RELEASE: &str = r"
+local k = KEYS[1]
+local rec = redis.call('HMGET', k, 's', 't')
+if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
+redis.call('DEL', k)
+return 1
+";
+
+const RENEW: &str = r"
+local k = KEYS[1]
+local rec = redis.call('HMGET', k, 's', 't')
+if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', k, ARGV[2])
+return 1
+";
+
+/// A [`Store`] on Redis, shared by every replica that connects to it.
+///
+/// Every operation is one server-side script on one key (`EVALSHA`, falling
+/// back to `EVAL` once per connection), so each is atomic, takes one round
+/// trip, and works on Redis Cluster. In-flight leases and completed-record
+/// TTLs are Redis key expiries, so nothing needs sweeping. Keys are
+/// `{prefix}{hex digest}`; the prefix defaults to `idempotency:`.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
+/// use tower_idempotency::{store::RedisStore, IdempotencyLayer};
+///
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?.with_prefix("payments:");
+/// let layer = IdempotencyLayer::new(store);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    connection: ConnectionManager,
+    prefix: String,
+    scripts: Scripts,
+}
+
+#[derive(Clone)]
+struct Scripts {
+    begin: Script,
+    complete: Script,
+    release: Script,
+    renew: Script,
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisStore {
+    /// Connects to the Redis server at `url` with a reconnecting, multiplexed
+    /// connection whose commands time out after 2 s (the layer then answers
+    /// 503 instead of hanging).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url).map_err(StoreError::backend)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(2);
+        let connection = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(Self::new(connection))
+    }
+
+    /// A store on a connection you configured yourself.
+    pub fn new(connection: ConnectionManager) -> Self {
+        Self {
+            connection,
+            prefix: "idempotency:".to_owned(),
+            scripts: Scripts {
+                begin: Script::new(BEGIN),
+                complete: Script::new(COMPLETE),
+                release: Script::new(RELEASE),
+                renew: Script::new(RENEW),
+            },
+        }
+    }
+
+    /// Sets the prefix of every key this store writes.
+    #[must_use]
+    pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    fn key(&self, key: &RecordKey) -> String {
+        format!("{}{}", self.prefix, key.to_hex())
+    }
+
+    async fn held(
+        &self,
+        script: &Script,
+        key: &RecordKey,
+        args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<(), StoreError> {
+        let mut invocation = script.key(self.key(key));
+        args(&mut invocation);
+        let done: i64 = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LockLost)
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        let token = LockToken::random();
+        let (state, response): (String, Vec<u8>) = self
+            .scripts
+            .begin
+            .key(self.key(key))
+            .arg(&fingerprint.as_bytes()[..])
+            .arg(token.to_string())
+            .arg(millis(lease))
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(match state.as_str() {
+            "acquired" => Begin::Acquired(token),
+            "mismatch" => Begin::Mismatch,
+            "in_flight" => Begin::InFlight,
+            "not_replayable" => Begin::NotReplayable,
+            "completed" => Begin::Completed(StoredResponse::decode(Bytes::from(response))?.into()),
+            other => {
+                return Err(StoreError::backend(format!(
+                    "unexpected answer {other:?} from the begin script"
+                )))
+            }
+        })
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (state, record) = match outcome {
+            Outcome::Response(response) => ("c", response.encode()),
+            Outcome::NotReplayable => ("n", Bytes::new()),
+        };
+        self.held(&self.scripts.complete, key, |script| {
+            script
+                .arg(token.to_string())
+                .arg(state)
+                .arg(&record[..])
+                .arg(millis(ttl));
+        })
+        .await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        self.held(&self.scripts.release, key, |script| {
+            script.arg(token.to_string());
+        })
+        .await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.held(&self.scripts.renew, key, |script| {
+            script.arg(token.to_string()).arg(millis(lease));
+        })
+        .await
+    }
+}
