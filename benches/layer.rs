@@ -1,1 +1,174 @@
-fn main() {}
+//! Layer overhead on the memory store, per path and body size, against the
+//! same handler without the layer; and SHA-256 throughput.
+//!
+//! `cargo bench --bench layer`; BENCHMARKS.md records the ratios.
+// criterion's macros generate undocumented public functions.
+#![allow(missing_docs)]
+
+use std::{
+    convert::Infallible,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use sha2::{Digest, Sha256};
+use tower::{Layer, Service, ServiceExt};
+use tower_idempotency::IdempotencyLayer;
+
+const SIZES: [(&str, usize); 4] = [("0B", 0), ("1KiB", 1024), ("64KiB", 64 * 1024), ("1MiB", 1024 * 1024)];
+
+/// The handler every variant wraps: reads the body, answers a small JSON.
+async fn handler<B>(req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
+where
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    let body = req.into_body().collect().await.expect("body").to_bytes();
+    let reply = format!("{{\"id\":\"pay_1\",\"received\":{}}}", body.len());
+    Ok(Response::builder()
+        .status(StatusCode::CREATED)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(reply)))
+        .expect("response"))
+}
+
+fn request(key: Option<&str>, body: &Bytes) -> Request<Full<Bytes>> {
+    let mut builder = Request::post("/payments").header("content-type", "application/json");
+    if let Some(key) = key {
+        builder = builder.header("idempotency-key", key);
+    }
+    builder.body(Full::new(body.clone())).expect("request")
+}
+
+async fn drain<B: http_body::Body>(response: Response<B>)
+where
+    B::Error: std::fmt::Debug,
+{
+    response.into_body().collect().await.expect("response body");
+}
+
+fn layer() -> IdempotencyLayer {
+    IdempotencyLayer::default().with_body_limit(2 * 1024 * 1024)
+}
+
+/// Times `iters` requests, each made by `make(i)`, through a fresh service
+/// built by `build`, after `setup` requests that are not timed.
+macro_rules! timed {
+    ($rt:expr, $iters:expr, $svc:expr, $setup:expr, $make:expr) => {{
+        $rt.block_on(async {
+            let mut svc = $svc;
+            for req in $setup {
+                drain(svc.ready().await.unwrap().call(req).await.unwrap()).await;
+            }
+            let start = Instant::now();
+            for i in 0..$iters {
+                let req = $make(i);
+                drain(svc.ready().await.unwrap().call(req).await.unwrap()).await;
+            }
+            start.elapsed()
+        })
+    }};
+}
+
+fn paths(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for (label, size) in SIZES {
+        let body = Bytes::from(vec![b'x'; size]);
+        let other = Bytes::from(vec![b'y'; size]);
+        let mut group = c.benchmark_group(format!("layer/{label}"));
+        group.throughput(Throughput::Elements(1));
+        if size >= 64 * 1024 {
+            group.sample_size(20);
+        }
+        let none = || std::iter::empty::<Request<Full<Bytes>>>();
+
+        group.bench_function("baseline", |b| {
+            b.iter_custom(|n| timed!(rt, n, tower::service_fn(handler::<Full<Bytes>>), none(), |_| request(None, &body)))
+        });
+        group.bench_function("pass_through", |b| {
+            b.iter_custom(|n| timed!(rt, n, layer().layer(tower::service_fn(handler)), none(), |_| request(None, &body)))
+        });
+        group.bench_function("first_use", |b| {
+            b.iter_custom(|n| {
+                timed!(rt, n, layer().layer(tower::service_fn(handler)), none(), |i: u64| {
+                    request(Some(&format!("key-{i}")), &body)
+                })
+            })
+        });
+        group.bench_function("replay", |b| {
+            b.iter_custom(|n| {
+                timed!(rt, n, layer().layer(tower::service_fn(handler)), [request(Some("k"), &body)], |_| {
+                    request(Some("k"), &body)
+                })
+            })
+        });
+        group.bench_function("mismatch_422", |b| {
+            b.iter_custom(|n| {
+                timed!(rt, n, layer().layer(tower::service_fn(handler)), [request(Some("k"), &body)], |_| {
+                    request(Some("k"), &other)
+                })
+            })
+        });
+        group.finish();
+    }
+
+    // A 409 needs a key in flight: the first request's handler never ends.
+    let mut group = c.benchmark_group("layer/1KiB");
+    let body = Bytes::from(vec![b'x'; 1024]);
+    group.bench_function("conflict_409", |b| {
+        b.iter_custom(|n| {
+            rt.block_on(async {
+                let stuck = tower::service_fn(|req: Request<_>| async move {
+                    if req.uri().path() == "/hang" {
+                        std::future::pending::<()>().await;
+                    }
+                    handler(req).await
+                });
+                let svc = layer().layer(stuck);
+                let mut hang = request(Some("k"), &body);
+                *hang.uri_mut() = "/hang".parse().unwrap();
+                let holder = tokio::spawn(svc.clone().oneshot(hang));
+                tokio::task::yield_now().await;
+                let mut conflict = request(Some("k"), &body);
+                *conflict.uri_mut() = "/hang".parse().unwrap();
+                let start = Instant::now();
+                for _ in 0..n {
+                    let mut req = request(Some("k"), &body);
+                    *req.uri_mut() = "/hang".parse().unwrap();
+                    let response = svc.clone().oneshot(req).await.unwrap();
+                    assert_eq!(response.status(), StatusCode::CONFLICT);
+                    drain(response).await;
+                }
+                let elapsed = start.elapsed();
+                holder.abort();
+                elapsed
+            })
+        })
+    });
+    group.finish();
+}
+
+fn hashing(c: &mut Criterion) {
+    let mut group = c.benchmark_group("sha256");
+    for (label, size) in SIZES.into_iter().skip(1) {
+        let data = vec![0xa5u8; size];
+        group.throughput(Throughput::Bytes(size as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(label), &data, |b, data| {
+            b.iter(|| Sha256::digest(data))
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    targets = paths, hashing
+}
+criterion_main!(benches);

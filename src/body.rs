@@ -213,7 +213,7 @@ where
             ResponseKind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, Bytes::len) as u64)
             }
-            ResponseKind::Channel { hint, .. } => hint.clone(),
+            ResponseKind::Channel { hint, .. } => *hint,
         }
     }
 }

@@ -6,10 +6,11 @@
 //! and `PostgresStore`. Each check uses fresh random keys, so one store may
 //! serve them all, concurrently.
 //!
-//! ```ignore
-//! // tests/conformance.rs of a crate with its own store; needs tokio with
-//! // the `macros` and `rt-multi-thread` features as a dev-dependency.
-//! tower_idempotency::store_conformance_tests!(async { my_crate::MyStore::new() });
+//! ```no_run
+//! // In tests/conformance.rs of a crate with its own store (here the memory
+//! // store stands in for it); needs tokio with the `macros` and
+//! // `rt-multi-thread` features as a dev-dependency.
+//! tower_idempotency::store_conformance_tests!(async { tower_idempotency::MemoryStore::new() });
 //! ```
 
 use std::{sync::Arc, time::Duration};
@@ -317,7 +318,7 @@ pub async fn works_as_a_trait_object<S: Store + Clone>(store: &S) {
 /// Generates one `#[tokio::test]` per conformance check for the store that
 /// `$make` (a future) produces. The store must be `Clone`.
 ///
-/// ```ignore
+/// ```no_run
 /// tower_idempotency::store_conformance_tests!(async { tower_idempotency::MemoryStore::new() });
 /// ```
 #[macro_export]

@@ -57,7 +57,7 @@
 //! | `postgres` | `PostgresStore`, on a `sqlx::PgPool` |
 //! | `conformance` | `store_conformance_tests!`, the suite every store passes |
 //!
-//! The default build has only the in-memory [`MemoryStore`](store::MemoryStore).
+//! The default build has only the in-memory [`MemoryStore`].
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -331,7 +331,7 @@ async fn post_and_read(addr: std::net::SocketAddr) -> String {
 }
 
 fn slow_app(
-    layer: IdempotencyLayer,
+    layer: &IdempotencyLayer,
     counter: &Counter,
 ) -> impl tower::Service<
     Request<hyper::body::Incoming>,
@@ -340,13 +340,13 @@ fn slow_app(
     Future = impl Send,
 > + Clone {
     let handler = counter.handler::<hyper::body::Incoming>(Duration::from_millis(300));
-    tower::Layer::layer(&layer, handler)
+    tower::Layer::layer(layer, handler)
 }
 
 #[tokio::test]
 async fn client_hang_up_finishes_the_handler_and_the_retry_gets_the_replay() {
     let counter = Counter::default();
-    let addr = serve(slow_app(IdempotencyLayer::default(), &counter)).await;
+    let addr = serve(slow_app(&IdempotencyLayer::default(), &counter)).await;
     post_and_hang_up(addr, Duration::from_millis(50)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(counter.runs(), 1);
@@ -360,7 +360,7 @@ async fn client_hang_up_finishes_the_handler_and_the_retry_gets_the_replay() {
 async fn client_hang_up_with_cancel_releases_the_key_and_the_retry_runs() {
     let counter = Counter::default();
     let layer = IdempotencyLayer::default().with_client_disconnect(ClientDisconnect::Cancel);
-    let addr = serve(slow_app(layer, &counter)).await;
+    let addr = serve(slow_app(&layer, &counter)).await;
     post_and_hang_up(addr, Duration::from_millis(50)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let retry = post_and_read(addr).await;

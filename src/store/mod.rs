@@ -61,6 +61,9 @@ pub enum Begin {
 }
 
 /// What [`Store::complete`] records for a key.
+// Moved once per request into the store; boxing the response would only add
+// an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Outcome {
