@@ -18,7 +18,12 @@ use sha2::{Digest, Sha256};
 use tower::{Layer, Service, ServiceExt};
 use tower_idempotency::IdempotencyLayer;
 
-const SIZES: [(&str, usize); 4] = [("0B", 0), ("1KiB", 1024), ("64KiB", 64 * 1024), ("1MiB", 1024 * 1024)];
+const SIZES: [(&str, usize); 4] = [
+    ("0B", 0),
+    ("1KiB", 1024),
+    ("64KiB", 64 * 1024),
+    ("1MiB", 1024 * 1024),
+];
 
 /// The handler every variant wraps: reads the body, answers a small JSON.
 async fn handler<B>(req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
@@ -89,30 +94,58 @@ fn paths(c: &mut Criterion) {
         let none = || std::iter::empty::<Request<Full<Bytes>>>();
 
         group.bench_function("baseline", |b| {
-            b.iter_custom(|n| timed!(rt, n, tower::service_fn(handler::<Full<Bytes>>), none(), |_| request(None, &body)))
+            b.iter_custom(|n| {
+                timed!(
+                    rt,
+                    n,
+                    tower::service_fn(handler::<Full<Bytes>>),
+                    none(),
+                    |_| request(None, &body)
+                )
+            })
         });
         group.bench_function("pass_through", |b| {
-            b.iter_custom(|n| timed!(rt, n, layer().layer(tower::service_fn(handler)), none(), |_| request(None, &body)))
+            b.iter_custom(|n| {
+                timed!(
+                    rt,
+                    n,
+                    layer().layer(tower::service_fn(handler)),
+                    none(),
+                    |_| request(None, &body)
+                )
+            })
         });
         group.bench_function("first_use", |b| {
             b.iter_custom(|n| {
-                timed!(rt, n, layer().layer(tower::service_fn(handler)), none(), |i: u64| {
-                    request(Some(&format!("key-{i}")), &body)
-                })
+                timed!(
+                    rt,
+                    n,
+                    layer().layer(tower::service_fn(handler)),
+                    none(),
+                    |i: u64| { request(Some(&format!("key-{i}")), &body) }
+                )
             })
         });
         group.bench_function("replay", |b| {
             b.iter_custom(|n| {
-                timed!(rt, n, layer().layer(tower::service_fn(handler)), [request(Some("k"), &body)], |_| {
-                    request(Some("k"), &body)
-                })
+                timed!(
+                    rt,
+                    n,
+                    layer().layer(tower::service_fn(handler)),
+                    [request(Some("k"), &body)],
+                    |_| { request(Some("k"), &body) }
+                )
             })
         });
         group.bench_function("mismatch_422", |b| {
             b.iter_custom(|n| {
-                timed!(rt, n, layer().layer(tower::service_fn(handler)), [request(Some("k"), &body)], |_| {
-                    request(Some("k"), &other)
-                })
+                timed!(
+                    rt,
+                    n,
+                    layer().layer(tower::service_fn(handler)),
+                    [request(Some("k"), &body)],
+                    |_| { request(Some("k"), &other) }
+                )
             })
         });
         group.finish();

@@ -12,6 +12,8 @@
 //! - `PORT`: the port on 127.0.0.1 (default 3000; 0 picks a free one);
 //! - `PAYMENT_DELAY_MS`: simulated processing time (default 0);
 //! - `IDEMPOTENCY_TTL_SECS`: how long responses are kept (default 86400);
+//! - `IDEMPOTENCY_LEASE_MS`: how long a lock outlives a crashed holder
+//!   (default 60000);
 //! - `IDEMPOTENCY_STORE`: `memory` (default), a `redis://` URL (feature
 //!   `redis`), a `postgres://` URL (feature `postgres`), or `off` to serve
 //!   without the layer, as a baseline for load tests.
@@ -178,6 +180,7 @@ async fn main() {
         delay: Duration::from_millis(setting("PAYMENT_DELAY_MS", 0)),
     };
     let ttl = Duration::from_secs(setting("IDEMPOTENCY_TTL_SECS", 86_400));
+    let lease = Duration::from_millis(setting("IDEMPOTENCY_LEASE_MS", 60_000));
     let store = match store_from(&env::var("IDEMPOTENCY_STORE").unwrap_or_default()).await {
         Ok(store) => store,
         Err(message) => {
@@ -191,7 +194,8 @@ async fn main() {
         create_route = create_route.layer(
             IdempotencyLayer::with_shared_store(Arc::clone(store))
                 .with_key_required(true)
-                .with_ttl(ttl),
+                .with_ttl(ttl)
+                .with_lease(lease),
         );
     }
     let router = Router::new()

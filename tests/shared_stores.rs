@@ -1,0 +1,296 @@
+//! Replicas sharing one Redis or PostgreSQL: duplicates run once across
+//! them, a crashed holder's lock is taken over after its lease, and a store
+//! that goes away makes the layer answer 503 (or fail open).
+#![cfg(all(feature = "redis", feature = "postgres"))]
+
+mod common;
+#[path = "common/process.rs"]
+mod process;
+#[path = "common/proxy.rs"]
+mod proxy;
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use common::{app, json, post, send, Counter};
+use http::StatusCode;
+use serde_json::{json, Value};
+use tower_idempotency::{
+    store::{PostgresStore, RedisStore},
+    IdempotencyLayer, Store, StoreFailure,
+};
+
+fn redis_url() -> String {
+    std::env::var("TEST_REDIS_URL")
+        .expect("TEST_REDIS_URL is not set: run the tests with ./scripts/test")
+}
+
+fn database_url() -> String {
+    std::env::var("TEST_DATABASE_URL")
+        .expect("TEST_DATABASE_URL is not set: run the tests with ./scripts/test")
+}
+
+fn unique_key(name: &str) -> String {
+    format!(
+        "{name}-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    )
+    .replace([' ', '{', '}', ':', ','], "")
+}
+
+async fn create(client: &reqwest::Client, base: &str, key: &str) -> (u16, Option<String>, Value) {
+    let response = client
+        .post(format!("{base}/payments"))
+        .header("idempotency-key", key)
+        .json(&json!({"amount": 700, "currency": "NZD"}))
+        .send()
+        .await
+        .expect("POST /payments");
+    let status = response.status().as_u16();
+    let replayed = response
+        .headers()
+        .get("idempotent-replayed")
+        .map(|v| v.to_str().unwrap().to_owned());
+    (
+        status,
+        replayed,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+async fn payments(client: &reqwest::Client, base: &str) -> Vec<Value> {
+    client
+        .get(format!("{base}/payments"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn duplicates_across_two_replicas_run_once(store_url: &str) {
+    let env = [
+        ("IDEMPOTENCY_STORE", store_url),
+        ("PAYMENT_DELAY_MS", "300"),
+    ];
+    let replicas = [
+        process::start("payments", &env),
+        process::start("payments", &env),
+    ];
+    let client = reqwest::Client::new();
+    let key = unique_key("replicas");
+    let tasks: Vec<_> = (0..24)
+        .map(|i| {
+            let (client, base, key) = (client.clone(), replicas[i % 2].base.clone(), key.clone());
+            tokio::spawn(async move { create(&client, &base, &key).await })
+        })
+        .collect();
+    let mut created = Vec::new();
+    for task in tasks {
+        let (status, _, body) = task.await.unwrap();
+        assert!(status == 201 || status == 409, "status {status}: {body}");
+        if status == 201 {
+            created.push(body);
+        }
+    }
+    assert_eq!(created.len(), 1, "exactly one duplicate runs the handler");
+
+    let executed: usize = {
+        let mut total = 0;
+        for replica in &replicas {
+            total += payments(&client, &replica.base).await.len();
+        }
+        total
+    };
+    assert_eq!(executed, 1, "one payment across both replicas");
+
+    for replica in &replicas {
+        let (status, replayed, body) = create(&client, &replica.base, &key).await;
+        assert_eq!(status, 201);
+        assert_eq!(replayed.as_deref(), Some("true"));
+        assert_eq!(body["id"], created[0]["id"]);
+    }
+}
+
+#[tokio::test]
+async fn duplicates_across_two_replicas_sharing_redis_run_once() {
+    duplicates_across_two_replicas_run_once(&redis_url()).await;
+}
+
+#[tokio::test]
+async fn duplicates_across_two_replicas_sharing_postgres_run_once() {
+    duplicates_across_two_replicas_run_once(&database_url()).await;
+}
+
+async fn crashed_holder_is_taken_over_after_its_lease(store_url: &str) {
+    let lease = Duration::from_millis(1500);
+    let lease_ms = lease.as_millis().to_string();
+    let mut holder = process::start(
+        "payments",
+        &[
+            ("IDEMPOTENCY_STORE", store_url),
+            ("PAYMENT_DELAY_MS", "30000"),
+            ("IDEMPOTENCY_LEASE_MS", &lease_ms),
+        ],
+    );
+    let other = process::start(
+        "payments",
+        &[
+            ("IDEMPOTENCY_STORE", store_url),
+            ("IDEMPOTENCY_LEASE_MS", &lease_ms),
+        ],
+    );
+    let client = reqwest::Client::new();
+    let key = unique_key("crash");
+    let in_flight = tokio::spawn({
+        let (client, base, key) = (client.clone(), holder.base.clone(), key.clone());
+        async move { create(&client, &base, &key).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.child.kill().expect("kill -9 the holder");
+    holder.child.wait().expect("reap the holder");
+    assert!(
+        in_flight.await.is_err(),
+        "the client saw its connection die"
+    );
+    let killed_at = std::time::Instant::now();
+
+    let (status, _, _) = create(&client, &other.base, &key).await;
+    assert_eq!(status, 409, "the lease still protects the key");
+    assert!(
+        killed_at.elapsed() < lease,
+        "the check ran within the lease"
+    );
+
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let (status, replayed, body) = create(&client, &other.base, &key).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(
+        replayed.is_none(),
+        "the retry ran the request on the other replica"
+    );
+    assert_eq!(payments(&client, &other.base).await.len(), 1);
+}
+
+#[tokio::test]
+async fn crashed_holder_on_redis_is_taken_over_after_its_lease() {
+    crashed_holder_is_taken_over_after_its_lease(&redis_url()).await;
+}
+
+#[tokio::test]
+async fn crashed_holder_on_postgres_is_taken_over_after_its_lease() {
+    crashed_holder_is_taken_over_after_its_lease(&database_url()).await;
+}
+
+async fn unreachable_store_answers_503_unless_failing_open(
+    store: Arc<dyn Store>,
+    proxy: proxy::Proxy,
+) {
+    let counter = Counter::default();
+    let closed = app(
+        &IdempotencyLayer::with_shared_store(Arc::clone(&store)),
+        counter.handler(Duration::ZERO),
+    );
+    let open = app(
+        &IdempotencyLayer::with_shared_store(store).with_store_failure(StoreFailure::FailOpen),
+        counter.handler(Duration::ZERO),
+    );
+    let before = send(&closed, post("/payments", Some(&unique_key("up")), "{}")).await;
+    assert_eq!(before.status(), StatusCode::CREATED);
+
+    proxy.cut();
+    let (status, headers, problem) =
+        json(send(&closed, post("/payments", Some(&unique_key("down")), "{}")).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("store-unavailable"));
+    assert_eq!(counter.runs(), 1, "nothing runs unprotected");
+
+    let failed_open = send(&open, post("/payments", Some(&unique_key("open")), "{}")).await;
+    assert_eq!(failed_open.status(), StatusCode::CREATED);
+    assert_eq!(counter.runs(), 2);
+}
+
+#[tokio::test]
+async fn unreachable_redis_answers_503_unless_failing_open() {
+    let proxy = proxy::Proxy::start(proxy::url_addr(&redis_url())).await;
+    let store = RedisStore::connect(&proxy::via(&redis_url(), proxy.addr))
+        .await
+        .unwrap();
+    unreachable_store_answers_503_unless_failing_open(Arc::new(store), proxy).await;
+}
+
+#[tokio::test]
+async fn unreachable_postgres_answers_503_unless_failing_open() {
+    let proxy = proxy::Proxy::start(proxy::url_addr(&database_url())).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(2))
+        .connect(&proxy::via(&database_url(), proxy.addr))
+        .await
+        .unwrap();
+    let store = PostgresStore::new(pool)
+        .with_table("outage_records")
+        .unwrap();
+    store.migrate().await.unwrap();
+    unreachable_store_answers_503_unless_failing_open(Arc::new(store), proxy).await;
+}
+
+#[tokio::test]
+async fn postgres_cleanup_deletes_expired_rows() {
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let store = PostgresStore::new(pool.clone())
+        .with_table("cleanup_records")
+        .unwrap();
+    store.migrate().await.unwrap();
+    let counter = Counter::default();
+    let svc = app(
+        &IdempotencyLayer::new(store.clone()).with_ttl(Duration::from_millis(200)),
+        counter.handler(Duration::ZERO),
+    );
+    let keys: HashSet<String> = (0..5).map(|i| unique_key(&format!("cleanup{i}"))).collect();
+    for key in &keys {
+        send(&svc, post("/payments", Some(key), "{}")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.delete_expired().await.unwrap() >= 5);
+    let left: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM cleanup_records WHERE expires_at <= now()")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn redis_keys_carry_the_prefix_and_a_ttl() {
+    let store = RedisStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix("ttlcheck:");
+    let counter = Counter::default();
+    let svc = app(
+        &IdempotencyLayer::new(store).with_ttl(Duration::from_secs(100)),
+        counter.handler(Duration::ZERO),
+    );
+    send(&svc, post("/payments", Some(&unique_key("ttl")), "{}")).await;
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("ttlcheck:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!keys.is_empty());
+    for key in keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(ttl > 90_000 && ttl <= 100_000, "{key} has PTTL {ttl}");
+    }
+}
