@@ -5,16 +5,16 @@
 // criterion's macros generate undocumented public functions.
 #![allow(missing_docs)]
 
-use std::{
-    convert::Infallible,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Request, StatusCode};
+use http_body_util::Full;
 use sha2::{Digest, Sha256};
+
+mod common;
+use common::{drain, handler, request};
 use tower::{Layer, Service, ServiceExt};
 use tower_idempotency::IdempotencyLayer;
 
@@ -24,36 +24,6 @@ const SIZES: [(&str, usize); 4] = [
     ("64KiB", 64 * 1024),
     ("1MiB", 1024 * 1024),
 ];
-
-/// The handler every variant wraps: reads the body, answers a small JSON.
-async fn handler<B>(req: Request<B>) -> Result<Response<Full<Bytes>>, Infallible>
-where
-    B: http_body::Body,
-    B::Error: std::fmt::Debug,
-{
-    let body = req.into_body().collect().await.expect("body").to_bytes();
-    let reply = format!("{{\"id\":\"pay_1\",\"received\":{}}}", body.len());
-    Ok(Response::builder()
-        .status(StatusCode::CREATED)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from(reply)))
-        .expect("response"))
-}
-
-fn request(key: Option<&str>, body: &Bytes) -> Request<Full<Bytes>> {
-    let mut builder = Request::post("/payments").header("content-type", "application/json");
-    if let Some(key) = key {
-        builder = builder.header("idempotency-key", key);
-    }
-    builder.body(Full::new(body.clone())).expect("request")
-}
-
-async fn drain<B: http_body::Body>(response: Response<B>)
-where
-    B::Error: std::fmt::Debug,
-{
-    response.into_body().collect().await.expect("response body");
-}
 
 fn layer() -> IdempotencyLayer {
     IdempotencyLayer::default().with_body_limit(2 * 1024 * 1024)

@@ -39,7 +39,8 @@ pub enum KeyError {
 ///
 /// Returns `Ok(None)` when there is no key. Both forms are accepted: a bare
 /// token (`Idempotency-Key: 8e03978e`) and the RFC 8941 string of the IETF
-/// draft (`Idempotency-Key: "8e03978e"`); both name the same key.
+/// draft (`Idempotency-Key: "8e03978e"`); both name the same key. A value
+/// that begins with a double quote is read as the quoted form.
 ///
 /// ```
 /// use http::HeaderMap;

@@ -115,6 +115,7 @@ impl StoredResponse {
 }
 
 /// Encodes a header map on its own, for stores that keep columns.
+#[cfg(feature = "postgres")]
 pub(crate) fn encode_headers(map: &HeaderMap) -> Vec<u8> {
     let mut out = BytesMut::new();
     put_map(&mut out, map);
@@ -122,6 +123,7 @@ pub(crate) fn encode_headers(map: &HeaderMap) -> Vec<u8> {
 }
 
 /// Decodes what [`encode_headers`] wrote.
+#[cfg(feature = "postgres")]
 pub(crate) fn decode_headers(bytes: Vec<u8>) -> Result<HeaderMap, DecodeError> {
     let mut bytes = Bytes::from(bytes);
     let map = take_map(&mut bytes)?;
