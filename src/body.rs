@@ -10,9 +10,8 @@ use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use tokio::sync::mpsc;
 
-use crate::store::BoxError;
+use crate::{flow::CaptureState, store::BoxError};
 
 pin_project! {
     /// The request body the inner service receives: the buffered body of a
@@ -94,14 +93,6 @@ where
     }
 }
 
-/// One message from the task that drives a first-use request to the body
-/// the client reads.
-pub(crate) enum Chunk {
-    Frame(Frame<Bytes>),
-    Error(BoxError),
-    End,
-}
-
 pin_project! {
     /// The response body: the inner service's body, streamed while it is
     /// captured on first use, a replayed or problem body, or the untouched
@@ -117,7 +108,7 @@ pin_project! {
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
-        Channel { rx: mpsc::Receiver<Chunk>, hint: SizeHint, ended: bool },
+        Capturing { state: CaptureState<B> },
     }
 }
 
@@ -137,13 +128,9 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    pub(crate) fn channel(rx: mpsc::Receiver<Chunk>, hint: SizeHint) -> Self {
+    pub(crate) fn capturing(state: CaptureState<B>) -> Self {
         Self {
-            kind: ResponseKind::Channel {
-                rx,
-                hint,
-                ended: false,
-            },
+            kind: ResponseKind::Capturing { state },
         }
     }
 }
@@ -153,7 +140,7 @@ impl<B> fmt::Debug for ResponseBody<B> {
         f.write_str(match &self.kind {
             ResponseKind::Inner { .. } => "ResponseBody::Inner",
             ResponseKind::Full { .. } => "ResponseBody::Full",
-            ResponseKind::Channel { .. } => "ResponseBody::Streaming",
+            ResponseKind::Capturing { .. } => "ResponseBody::Capturing",
         })
     }
 }
@@ -176,26 +163,7 @@ where
                 Some(data) => Some(Ok(Frame::data(data))),
                 None => trailers.take().map(|t| Ok(Frame::trailers(t))),
             }),
-            ResponseProj::Channel { rx, ended, .. } => {
-                if *ended {
-                    return Poll::Ready(None);
-                }
-                Poll::Ready(match ready!(rx.poll_recv(cx)) {
-                    Some(Chunk::Frame(frame)) => Some(Ok(frame)),
-                    Some(Chunk::Error(err)) => {
-                        *ended = true;
-                        Some(Err(err))
-                    }
-                    Some(Chunk::End) => {
-                        *ended = true;
-                        None
-                    }
-                    None => {
-                        *ended = true;
-                        Some(Err("the response stream ended abnormally".into()))
-                    }
-                })
-            }
+            ResponseProj::Capturing { state } => state.poll_frame(cx),
         }
     }
 
@@ -203,7 +171,7 @@ where
         match &self.kind {
             ResponseKind::Inner { body } => body.is_end_stream(),
             ResponseKind::Full { data, trailers } => data.is_none() && trailers.is_none(),
-            ResponseKind::Channel { ended, .. } => *ended,
+            ResponseKind::Capturing { state } => state.is_end_stream(),
         }
     }
 
@@ -213,7 +181,7 @@ where
             ResponseKind::Full { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, Bytes::len) as u64)
             }
-            ResponseKind::Channel { hint, .. } => *hint,
+            ResponseKind::Capturing { state } => state.size_hint(),
         }
     }
 }

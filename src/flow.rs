@@ -1,11 +1,14 @@
 //! The request path of a request that carries a key.
 
 use std::{
-    panic,
+    collections::VecDeque,
+    future::Future,
+    pin::Pin,
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Weak,
     },
+    task::{ready, Context, Poll},
     time::Duration,
 };
 
@@ -14,19 +17,17 @@ use dashmap::DashMap;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use tokio::{
-    sync::{mpsc, oneshot},
-    time::Instant,
-};
+use tokio::time::Instant;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::{
-    body::{Chunk, RequestBody, ResponseBody},
+    body::{RequestBody, ResponseBody},
     key::{Fingerprint, RecordKey, IDEMPOTENT_REPLAYED},
     layer::Config,
     metrics::{Decision, Metrics},
     policy::{ClientDisconnect, InFlightPolicy, StoreFailure},
-    problem::{problem, ProblemKind},
+    problem::{self, ProblemKind},
     store::{Begin, BoxError, LockToken, Outcome, StoreError, StoredResponse},
 };
 
@@ -34,6 +35,7 @@ use crate::{
 /// task that renews the leases of its running requests.
 pub(crate) struct Shared {
     pub(crate) config: Config,
+    problems: Vec<Bytes>,
     pub(crate) metrics: Metrics,
     held: DashMap<u64, Held>,
     next_id: AtomicU64,
@@ -48,7 +50,15 @@ struct Held {
 
 impl Shared {
     pub(crate) fn new(config: Config, metrics: Metrics) -> Arc<Self> {
+        let problems = ProblemKind::ALL
+            .iter()
+            .map(|kind| {
+                let detail = problem::default_detail(*kind, config.body_limit, config.body_timeout);
+                problem::document(&config.problem_base, *kind, &detail)
+            })
+            .collect();
         Arc::new(Self {
+            problems,
             config,
             metrics,
             held: DashMap::new(),
@@ -57,11 +67,27 @@ impl Shared {
         })
     }
 
-    pub(crate) fn problem<B>(&self, kind: ProblemKind, detail: &str) -> Response<ResponseBody<B>> {
+    /// The problem response for `kind`, its document made once per service.
+    pub(crate) fn problem<B>(&self, kind: ProblemKind) -> Response<ResponseBody<B>> {
+        self.problem_from(kind, self.problems[kind as usize].clone())
+    }
+
+    /// A problem response whose detail says more than the default.
+    pub(crate) fn problem_with<B>(
+        &self,
+        kind: ProblemKind,
+        detail: &str,
+    ) -> Response<ResponseBody<B>> {
+        self.problem_from(
+            kind,
+            problem::document(&self.config.problem_base, kind, detail),
+        )
+    }
+
+    fn problem_from<B>(&self, kind: ProblemKind, body: Bytes) -> Response<ResponseBody<B>> {
         let retry_after = matches!(kind, ProblemKind::InFlight | ProblemKind::StoreUnavailable)
             .then_some(self.config.retry_after);
-        problem(&self.config.problem_base, kind, detail, retry_after)
-            .map(|body| ResponseBody::full(body, None))
+        problem::response(kind, body, retry_after).map(|body| ResponseBody::full(body, None))
     }
 
     /// Registers a held lock with the lease keeper, which one task per
@@ -219,24 +245,16 @@ where
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(err)) if err.is::<LengthLimitError>() => {
             shared.metrics.record(Decision::Rejected);
-            let detail = format!(
-                "The request body is larger than {} bytes, the most this endpoint accepts.",
-                config.body_limit
-            );
-            return Ok(shared.problem(ProblemKind::BodyTooLarge, &detail));
+            return Ok(shared.problem(ProblemKind::BodyTooLarge));
         }
         Ok(Err(err)) => {
             shared.metrics.record(Decision::Rejected);
-            let detail = format!("The request body could not be read: {err}.");
-            return Ok(shared.problem(ProblemKind::BodyUnreadable, &detail));
+            tracing::debug!(error = %err, "request body could not be read");
+            return Ok(shared.problem(ProblemKind::BodyUnreadable));
         }
         Err(_) => {
             shared.metrics.record(Decision::Rejected);
-            let detail = format!(
-                "The request body did not arrive within {} s; nothing was processed.",
-                config.body_timeout.as_secs_f32()
-            );
-            return Ok(shared.problem(ProblemKind::BodyTimeout, &detail));
+            return Ok(shared.problem(ProblemKind::BodyTimeout));
         }
     };
     let record = RecordKey::new(&config.scope_of(&parts), &key);
@@ -257,7 +275,7 @@ where
             Ok(Begin::Acquired(token)) => {
                 shared.metrics.record(Decision::Executed);
                 let lock = LockGuard::new(Arc::clone(&shared), record, token);
-                return first_use(shared, inner, req, lock).await;
+                return first_use(&mut inner, req, lock).await;
             }
             Ok(Begin::Completed(stored)) => {
                 shared.metrics.record(Decision::Replayed);
@@ -269,22 +287,10 @@ where
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                     continue;
                 }
-                _ => (
-                    Decision::Conflict,
-                    ProblemKind::InFlight,
-                    "A request with this Idempotency-Key is still being processed. Retry later to receive its response.",
-                ),
+                _ => (Decision::Conflict, ProblemKind::InFlight),
             },
-            Ok(Begin::NotReplayable) => (
-                Decision::NotReplayable,
-                ProblemKind::NotReplayable,
-                "The request with this Idempotency-Key was already processed, but its response was not kept. It will not be processed again.",
-            ),
-            Ok(Begin::Mismatch) => (
-                Decision::Mismatch,
-                ProblemKind::KeyReused,
-                "This Idempotency-Key was already used with a different request. Send a new key for a new request.",
-            ),
+            Ok(Begin::NotReplayable) => (Decision::NotReplayable, ProblemKind::NotReplayable),
+            Ok(Begin::Mismatch) => (Decision::Mismatch, ProblemKind::KeyReused),
             Err(err) => {
                 shared.metrics.record(Decision::StoreError);
                 tracing::error!(error = %err, "idempotency store failed");
@@ -292,16 +298,18 @@ where
                     let response = inner.call(req).await?;
                     return Ok(response.map(ResponseBody::inner));
                 }
-                let detail = match err {
-                    StoreError::Full => "The idempotency store is full. The request was not processed; retry later.",
-                    _ => "The idempotency store could not be reached. The request was not processed; retry later.",
-                };
-                return Ok(shared.problem(ProblemKind::StoreUnavailable, detail));
+                return Ok(match err {
+                    StoreError::Full => shared.problem_with(
+                        ProblemKind::StoreUnavailable,
+                        "The idempotency store is full. The request was not processed; retry later.",
+                    ),
+                    _ => shared.problem(ProblemKind::StoreUnavailable),
+                });
             }
         };
-        let (decision, kind, detail) = decision;
+        let (decision, kind) = decision;
         shared.metrics.record(decision);
-        return Ok(shared.problem(kind, detail));
+        return Ok(shared.problem(kind));
     }
 }
 
@@ -318,115 +326,323 @@ fn replay<B>(stored: &StoredResponse) -> Response<ResponseBody<B>> {
     response
 }
 
-/// Runs the inner service in a task of its own, so that the client going
-/// away cannot leave the handler half-done with its key locked.
+/// Runs the inner service for a held key. The work runs inside the
+/// caller's own future and response body; only if the client goes away
+/// before the response is stored does the rest move to a task of its own
+/// (or, with [`ClientDisconnect::Cancel`], get dropped and the key released).
 async fn first_use<S, ReqBody, ResBody>(
-    shared: Arc<Shared>,
-    mut inner: S,
+    inner: &mut S,
     req: Request<RequestBody<ReqBody>>,
     lock: LockGuard,
 ) -> Answer<ResBody, S::Error>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
-    ReqBody: Send + 'static,
     ResBody: Body + Send + 'static,
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    let (head_tx, head_rx) = oneshot::channel();
-    let call = inner.call(req);
-    let task = tokio::spawn(drive(call, lock, head_tx));
-    match head_rx.await {
-        Ok(answer) => answer,
-        Err(_) => match task.await {
-            Err(err) if err.is_panic() => panic::resume_unwind(err.into_panic()),
-            _ => Ok(shared.problem(
-                ProblemKind::StoreUnavailable,
-                "The request was interrupted before it produced a response; retry later.",
-            )),
-        },
-    }
-}
-
-async fn drive<F, ResBody, E>(
-    call: F,
-    lock: LockGuard,
-    head_tx: oneshot::Sender<Answer<ResBody, E>>,
-) where
-    F: std::future::Future<Output = Result<Response<ResBody>, E>>,
-    ResBody: Body + Send + 'static,
-    ResBody::Error: Into<BoxError>,
-{
-    let mut head_tx = head_tx;
-    let shared = Arc::clone(&lock.shared);
-    let config = &shared.config;
-    let cancel = config.on_disconnect == ClientDisconnect::Cancel;
-    let result = tokio::select! {
-        biased;
-        result = call => result,
-        () = head_tx.closed(), if cancel => return lock.release().await,
+    let detach = lock.shared.config.on_disconnect == ClientDisconnect::Detach;
+    let mut pending = PendingCall {
+        call: Some(Box::pin(inner.call(req))),
+        lock: Some(lock),
+        detach,
+        finish: finish_call::<S::Future, ResBody, S::Error>,
     };
-    let response = match result {
-        Ok(response) => response,
+    let result = std::future::poll_fn(|cx| match pending.call.as_mut() {
+        Some(call) => call.as_mut().poll(cx),
+        None => unreachable!("the call is only taken once it is done"),
+    })
+    .await;
+    pending.call = None;
+    let lock = pending
+        .lock
+        .take()
+        .expect("the lock stays until the call is done");
+    match result {
+        Ok(response) => Ok(respond(response, lock, detach).await),
         Err(err) => {
             lock.release().await;
-            let _ = head_tx.send(Err(err));
-            return;
-        }
-    };
-    let (head, body) = response.into_parts();
-    if !config.keep.keeps(&head) {
-        lock.release().await;
-        let _ = head_tx.send(Ok(Response::from_parts(head, ResponseBody::inner(body))));
-        return;
-    }
-    let mut capture = Capture::new(head.status, head.headers.clone(), config.response_limit);
-    let (tx, rx) = mpsc::channel(4);
-    let hint = body.size_hint();
-    let mut connected = head_tx
-        .send(Ok(Response::from_parts(
-            head,
-            ResponseBody::channel(rx, hint),
-        )))
-        .is_ok();
-    if !connected && cancel {
-        return lock.release().await;
-    }
-    tokio::pin!(body);
-    loop {
-        let frame = tokio::select! {
-            biased;
-            frame = body.frame() => Some(frame.map(|result| result.map_err(Into::<BoxError>::into))),
-            () = tx.closed(), if cancel => None,
-        };
-        let Some(frame) = frame else {
-            return lock.release().await;
-        };
-        match frame {
-            None => break,
-            Some(Err(err)) => {
-                lock.release().await;
-                let _ = tx.send(Chunk::Error(err)).await;
-                return;
-            }
-            Some(Ok(frame)) => {
-                let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
-                capture.record(&frame);
-                if connected && tx.send(Chunk::Frame(frame)).await.is_err() {
-                    if cancel {
-                        return lock.release().await;
-                    }
-                    connected = false;
-                }
-            }
+            Err(err)
         }
     }
-    lock.complete(capture.finish()).await;
-    let _ = tx.send(Chunk::End).await;
 }
 
+/// Releases the key for a response the keep policy refuses; otherwise
+/// returns the response with a body that is captured as it streams and
+/// stored when it ends.
+async fn respond<B>(
+    response: Response<B>,
+    lock: LockGuard,
+    detach: bool,
+) -> Response<ResponseBody<B>>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let (head, body) = response.into_parts();
+    let config = &lock.shared.config;
+    if !config.keep.keeps(&head) {
+        lock.release().await;
+        return Response::from_parts(head, ResponseBody::inner(body));
+    }
+    let capture = Capture::new(head.status, head.headers.clone(), config.response_limit);
+    let mut state = CaptureState::new(body, capture, lock, detach);
+    // Most handlers answer with a body that is already whole. Then the
+    // record is stored before the client sees the response, so a retry can
+    // never overtake it; a body still being produced streams instead.
+    let ended = std::future::poll_fn(|cx| loop {
+        match state.poll_body(cx) {
+            Poll::Ready(Some(frame)) => state.ready.push_back(frame),
+            Poll::Ready(None) => return Poll::Ready(true),
+            Poll::Pending => return Poll::Ready(false),
+        }
+    })
+    .await;
+    if ended {
+        std::future::poll_fn(|cx| state.poll_settling(cx)).await;
+    }
+    Response::from_parts(head, ResponseBody::capturing(state))
+}
+
+/// The inner service's future for a held key, until it yields the response
+/// head. Dropped early (the client hung up), it finishes in a task of its
+/// own so the response is still stored, unless the policy is to cancel or
+/// the drop comes from a panic.
+struct PendingCall<F> {
+    call: Option<Pin<Box<F>>>,
+    lock: Option<LockGuard>,
+    detach: bool,
+    /// Made where the bounds are known, since `Drop` cannot ask for them.
+    finish: fn(Pin<Box<F>>, LockGuard) -> Detached,
+}
+
+type Detached = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+fn finish_call<F, B, E>(call: Pin<Box<F>>, lock: LockGuard) -> Detached
+where
+    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    E: Send,
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    Box::pin(async move {
+        match call.await {
+            Ok(response) => drain(respond(response, lock, false).await.into_body()).await,
+            Err(_) => lock.release().await,
+        }
+    })
+}
+
+impl<F> Drop for PendingCall<F> {
+    fn drop(&mut self) {
+        let (Some(call), Some(lock)) = (self.call.take(), self.lock.take()) else {
+            return;
+        };
+        if !self.detach || std::thread::panicking() {
+            return;
+        }
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        handle.spawn((self.finish)(call, lock).in_current_span());
+    }
+}
+
+/// Reads a body to its end, discarding what it yields.
+async fn drain<B: Body>(body: B) {
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            return;
+        }
+    }
+}
+
+/// A response body being streamed to the client while it is captured for
+/// the store. Its end completes the key, its failure releases it; dropped
+/// before either, it hands the rest of the stream to a task (or, to cancel,
+/// releases the key).
+pub(crate) struct CaptureState<B> {
+    body: Option<Pin<Box<B>>>,
+    /// Frames read and captured, not yet handed to the client.
+    ready: VecDeque<Frame<Bytes>>,
+    capture: Option<Capture>,
+    lock: Option<LockGuard>,
+    settling: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    error: Option<BoxError>,
+    detach: bool,
+    /// Made where the bounds are known, since `Drop` cannot ask for them.
+    finish: fn(CaptureState<B>) -> Option<Detached>,
+}
+
+/// Reads the rest of an abandoned body into the store. Most bodies are
+/// already whole and the memory store answers at once, so this first tries
+/// to finish on the spot, which lets a retry right after see the replay;
+/// what is still pending is returned to run in a task.
+fn finish_body<B>(mut rest: CaptureState<B>) -> Option<Detached>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    loop {
+        match rest.poll_frame(&mut cx) {
+            Poll::Ready(Some(_)) => {}
+            Poll::Ready(None) => return None,
+            Poll::Pending => return Some(Box::pin(drain(ResponseBody::capturing(rest)))),
+        }
+    }
+}
+
+impl<B> CaptureState<B> {
+    fn new(body: B, capture: Capture, lock: LockGuard, detach: bool) -> Self
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            body: Some(Box::pin(body)),
+            ready: VecDeque::new(),
+            capture: Some(capture),
+            lock: Some(lock),
+            settling: None,
+            error: None,
+            detach,
+            finish: finish_body::<B>,
+        }
+    }
+
+    pub(crate) fn is_end_stream(&self) -> bool {
+        self.body.is_none()
+            && self.ready.is_empty()
+            && self.settling.is_none()
+            && self.error.is_none()
+    }
+}
+
+impl<B> CaptureState<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    pub(crate) fn size_hint(&self) -> http_body::SizeHint {
+        let ready: u64 = self
+            .ready
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|data| data.len() as u64)
+            .sum();
+        let rest = self.body.as_ref().map_or_else(
+            || http_body::SizeHint::with_exact(0),
+            |body| body.size_hint(),
+        );
+        let mut hint = http_body::SizeHint::new();
+        hint.set_lower(rest.lower() + ready);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + ready);
+        }
+        hint
+    }
+
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let Some(frame) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            if self.body.is_none() {
+                ready!(self.poll_settling(cx));
+                return Poll::Ready(self.error.take().map(Err));
+            }
+            if let Some(frame) = ready!(self.poll_body(cx)) {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+        }
+    }
+
+    /// The next frame of the handler's body, captured. At its end (or
+    /// failure) the body is gone and the completion (or release) starts.
+    fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<Bytes>>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match ready!(body.as_mut().poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
+                if let Some(capture) = self.capture.as_mut() {
+                    capture.record(&frame);
+                }
+                Poll::Ready(Some(frame))
+            }
+            Some(Err(err)) => {
+                self.body = None;
+                self.error = Some(err.into());
+                if let Some(lock) = self.lock.take() {
+                    self.settling = Some(Box::pin(lock.release()));
+                }
+                Poll::Ready(None)
+            }
+            None => {
+                self.body = None;
+                if let (Some(lock), Some(capture)) = (self.lock.take(), self.capture.take()) {
+                    self.settling = Some(Box::pin(lock.complete(capture.finish())));
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl<B> CaptureState<B> {
+    /// Drives the completion or release under way, if any.
+    fn poll_settling(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(settling) = self.settling.as_mut() {
+            ready!(settling.as_mut().poll(cx));
+            self.settling = None;
+        }
+        Poll::Ready(())
+    }
+}
+
+impl<B> Drop for CaptureState<B> {
+    fn drop(&mut self) {
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // A completion or release under way must land even if nobody waits.
+        if let Some(settling) = self.settling.take() {
+            handle.spawn(settling);
+            return;
+        }
+        if !self.detach || std::thread::panicking() {
+            return;
+        }
+        let (Some(body), Some(lock)) = (self.body.take(), self.lock.take()) else {
+            return;
+        };
+        let rest = CaptureState {
+            body: Some(body),
+            ready: VecDeque::new(),
+            capture: self.capture.take(),
+            lock: Some(lock),
+            settling: None,
+            error: None,
+            detach: false,
+            finish: self.finish,
+        };
+        if let Some(task) = (self.finish)(rest) {
+            handle.spawn(task.in_current_span());
+        }
+    }
+}
 /// The copy of a response kept for the store, up to the response limit.
 struct Capture {
     status: StatusCode,

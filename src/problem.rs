@@ -117,6 +117,43 @@ impl ProblemKind {
     }
 }
 
+impl ProblemKind {
+    pub(crate) const ALL: [Self; 9] = [
+        Self::MissingKey,
+        Self::InvalidKey,
+        Self::BodyTooLarge,
+        Self::BodyUnreadable,
+        Self::BodyTimeout,
+        Self::InFlight,
+        Self::KeyReused,
+        Self::NotReplayable,
+        Self::StoreUnavailable,
+    ];
+}
+
+/// What the client should know and do, for the limits in force.
+pub(crate) fn default_detail(
+    kind: ProblemKind,
+    body_limit: usize,
+    body_timeout: Duration,
+) -> String {
+    match kind {
+        ProblemKind::MissingKey => "This endpoint requires an Idempotency-Key header: send a unique value, such as a UUID, and reuse it for retries of the same request.".to_owned(),
+        ProblemKind::InvalidKey => KEY_RULES.to_owned(),
+        ProblemKind::BodyTooLarge => format!("The request body is larger than {body_limit} bytes, the most this endpoint accepts."),
+        ProblemKind::BodyUnreadable => "The request body could not be read; nothing was processed.".to_owned(),
+        ProblemKind::BodyTimeout => format!("The request body did not arrive within {} s; nothing was processed.", body_timeout.as_secs_f32()),
+        ProblemKind::InFlight => "A request with this Idempotency-Key is still being processed. Retry later to receive its response.".to_owned(),
+        ProblemKind::KeyReused => "This Idempotency-Key was already used with a different request. Send a new key for a new request.".to_owned(),
+        ProblemKind::NotReplayable => "The request with this Idempotency-Key was already processed, but its response was not kept. It will not be processed again.".to_owned(),
+        ProblemKind::StoreUnavailable => "The idempotency store could not be reached. The request was not processed; retry later.".to_owned(),
+    }
+}
+
+/// How a valid key looks, for the detail of an invalid one.
+pub(crate) const KEY_RULES: &str =
+    "A key is 1 to 255 visible ASCII characters, sent once, bare or as a quoted string.";
+
 #[derive(serde::Serialize)]
 struct Document<'a> {
     #[serde(rename = "type")]
@@ -126,21 +163,24 @@ struct Document<'a> {
     detail: &'a str,
 }
 
-/// Builds a problem response body and head.
-pub(crate) fn problem(
-    base: &str,
-    kind: ProblemKind,
-    detail: &str,
-    retry_after: Option<Duration>,
-) -> Response<Bytes> {
+/// The problem document for `kind`, as JSON.
+pub(crate) fn document(base: &str, kind: ProblemKind, detail: &str) -> Bytes {
     let doc = Document {
         kind: format!("{base}{}", kind.slug()),
         title: kind.title(),
         status: kind.status().as_u16(),
         detail,
     };
-    let body = serde_json::to_vec(&doc).expect("a problem document always serializes");
-    let mut response = Response::new(Bytes::from(body));
+    Bytes::from(serde_json::to_vec(&doc).expect("a problem document always serializes"))
+}
+
+/// A problem response with `body`, a document made by [`document`].
+pub(crate) fn response(
+    kind: ProblemKind,
+    body: Bytes,
+    retry_after: Option<Duration>,
+) -> Response<Bytes> {
+    let mut response = Response::new(body);
     *response.status_mut() = kind.status();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, PROBLEM_JSON);

@@ -7,14 +7,15 @@ use std::{
 use http::{header, Request, Response};
 use http_body::Body;
 use tower_service::Service;
+use tracing::Instrument;
 
 use crate::{
     body::{RequestBody, ResponseBody},
     flow::{self, Shared},
     future::ResponseFuture,
-    key::{parse_key, KeyError},
+    key::parse_key,
     metrics::Decision,
-    problem::ProblemKind,
+    problem::{ProblemKind, KEY_RULES},
     store::BoxError,
 };
 
@@ -95,29 +96,30 @@ where
             Ok(None) if !config.key_required => return self.pass_through(req),
             Ok(None) => {
                 shared.metrics.record(Decision::Rejected);
-                return ResponseFuture::ready(shared.problem(
-                    ProblemKind::MissingKey,
-                    "This endpoint requires an Idempotency-Key header: send a unique value, such as a UUID, and reuse it for retries of the same request.",
-                ));
+                return ResponseFuture::ready(shared.problem(ProblemKind::MissingKey));
             }
             Err(err) => {
                 shared.metrics.record(Decision::Rejected);
+                let detail = format!("{err}. {KEY_RULES}");
                 return ResponseFuture::ready(
-                    shared.problem(ProblemKind::InvalidKey, &key_detail(err)),
+                    shared.problem_with(ProblemKind::InvalidKey, &detail),
                 );
             }
         };
         if declared_length(&req).is_some_and(|len| len > config.body_limit as u64) {
             shared.metrics.record(Decision::Rejected);
-            let detail = format!(
-                "The request body is larger than {} bytes, the most this endpoint accepts.",
-                config.body_limit
-            );
-            return ResponseFuture::ready(shared.problem(ProblemKind::BodyTooLarge, &detail));
+            return ResponseFuture::ready(shared.problem(ProblemKind::BodyTooLarge));
         }
+        let span = tracing::debug_span!(
+            "idempotency",
+            method = %req.method(),
+            path = req.uri().path(),
+        );
         let clone = self.inner.clone();
         let inner = mem::replace(&mut self.inner, clone);
-        ResponseFuture::keyed(Box::pin(flow::run(Arc::clone(shared), inner, req, key)))
+        ResponseFuture::keyed(Box::pin(
+            flow::run(Arc::clone(shared), inner, req, key).instrument(span),
+        ))
     }
 }
 
@@ -141,10 +143,4 @@ fn declared_length<B>(req: &Request<B>) -> Option<u64> {
         .ok()?
         .parse()
         .ok()
-}
-
-fn key_detail(err: KeyError) -> String {
-    format!(
-        "{err}. A key is 1 to 255 visible ASCII characters, sent once, bare or as a quoted string."
-    )
 }

@@ -391,3 +391,67 @@ async fn dropped_response_future_with_cancel_leaves_no_lock_behind() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(store.len(), 0);
 }
+
+/// Sends raw bytes and reads whatever the server answers until it closes.
+async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut response = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await;
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[tokio::test]
+async fn body_shorter_than_its_content_length_gets_408() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::default().with_body_timeout(Duration::from_millis(300));
+    let addr = serve(tower::Layer::layer(
+        &layer,
+        counter.handler::<hyper::body::Incoming>(Duration::ZERO),
+    ))
+    .await;
+    let response = raw_exchange(
+        addr,
+        format!("POST /payments HTTP/1.1\r\nhost: t\r\nidempotency-key: {KEY}\r\ncontent-length: 100\r\n\r\nonly ten b").as_bytes(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(response.contains("body-timeout"), "{response}");
+    assert_eq!(counter.runs(), 0);
+}
+
+#[tokio::test]
+async fn chunked_body_that_never_ends_gets_408() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::default().with_body_timeout(Duration::from_millis(300));
+    let addr = serve(tower::Layer::layer(
+        &layer,
+        counter.handler::<hyper::body::Incoming>(Duration::ZERO),
+    ))
+    .await;
+    let response = raw_exchange(
+        addr,
+        format!("POST /payments HTTP/1.1\r\nhost: t\r\nidempotency-key: {KEY}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n").as_bytes(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert_eq!(counter.runs(), 0);
+}
+
+#[tokio::test]
+async fn oversized_content_length_over_the_wire_gets_413() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::default().with_body_limit(64);
+    let addr = serve(tower::Layer::layer(
+        &layer,
+        counter.handler::<hyper::body::Incoming>(Duration::ZERO),
+    ))
+    .await;
+    let response = raw_exchange(
+        addr,
+        format!("POST /payments HTTP/1.1\r\nhost: t\r\nconnection: close\r\nidempotency-key: {KEY}\r\ncontent-length: 1000000000\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert_eq!(counter.runs(), 0);
+}

@@ -644,3 +644,121 @@ async fn shared_store_behind_an_arc_serves_two_layers() {
     assert_eq!(replay.headers()["idempotent-replayed"], "true");
     assert_eq!(counter.runs(), 1);
 }
+
+#[tokio::test]
+async fn key_in_flight_for_one_client_does_not_block_another() {
+    let counter = Counter::default();
+    let svc = app(&layer(), counter.handler(Duration::from_millis(300)));
+    let as_user = |token: &str| {
+        let mut request = post("/payments", Some(KEY), "{}");
+        request
+            .headers_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    };
+    let alice = tokio::spawn({
+        let svc = svc.clone();
+        let request = as_user("alice");
+        async move { send(&svc, request).await.status() }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let bob = send(&svc, as_user("bob")).await;
+    assert_eq!(bob.status(), StatusCode::CREATED);
+    assert_eq!(alice.await.unwrap(), StatusCode::CREATED);
+    assert_eq!(counter.runs(), 2);
+}
+
+#[tokio::test]
+async fn replay_carries_no_hop_by_hop_headers() {
+    let counter = Counter::default();
+    let handler = counter.respond_with(Duration::ZERO, |_, _| {
+        Response::builder()
+            .status(StatusCode::CREATED)
+            .header("connection", "x-conn-private")
+            .header("x-conn-private", "secret")
+            .header("keep-alive", "timeout=5")
+            .header("x-request-cost", "3")
+    });
+    let svc = app(&layer(), handler);
+    send(&svc, post("/payments", Some(KEY), "{}")).await;
+    let replay = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    let headers = replay.headers();
+    assert_eq!(headers["idempotent-replayed"], "true");
+    assert_eq!(headers["x-request-cost"], "3");
+    for hop_by_hop in ["connection", "keep-alive", "x-conn-private"] {
+        assert!(
+            !headers.contains_key(hop_by_hop),
+            "{hop_by_hop} was replayed"
+        );
+    }
+}
+
+#[tokio::test]
+async fn slow_handler_keeps_its_lock_past_the_lease() {
+    let counter = Counter::default();
+    let svc = app(
+        &layer().with_lease(Duration::from_millis(300)),
+        counter.handler(Duration::from_millis(1200)),
+    );
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { read(send(&svc, post("/payments", Some(KEY), "{}")).await).await }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let during = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    assert_eq!(
+        during.status(),
+        StatusCode::CONFLICT,
+        "the renewed lease still holds"
+    );
+    let (_, original) = first.await.unwrap();
+    let (after, replay) = read(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
+    assert_eq!(after.headers["idempotent-replayed"], "true");
+    assert_eq!(replay, original);
+    assert_eq!(counter.runs(), 1);
+}
+
+#[tokio::test]
+async fn each_decision_is_a_tracing_event_with_its_outcome() {
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let counter = Counter::default();
+    let svc = app(&layer(), counter.handler(Duration::ZERO));
+    send(&svc, post("/payments", Some(KEY), "{}")).await;
+    send(&svc, post("/payments", Some(KEY), "{}")).await;
+    send(&svc, post("/payments", Some(KEY), "other")).await;
+
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    for outcome in ["executed", "replayed", "mismatch"] {
+        assert!(
+            log.contains(&format!("outcome=\"{outcome}\"")),
+            "no {outcome} event in:\n{log}"
+        );
+    }
+    assert!(
+        log.contains("idempotency"),
+        "events are inside the idempotency span:\n{log}"
+    );
+}

@@ -294,3 +294,33 @@ async fn redis_keys_carry_the_prefix_and_a_ttl() {
         assert!(ttl > 90_000 && ttl <= 100_000, "{key} has PTTL {ttl}");
     }
 }
+
+#[tokio::test]
+async fn slow_handler_on_redis_renews_its_lease() {
+    let store = RedisStore::connect(&redis_url()).await.unwrap();
+    let counter = Counter::default();
+    let svc = app(
+        &IdempotencyLayer::new(store).with_lease(Duration::from_millis(600)),
+        counter.handler(Duration::from_millis(2000)),
+    );
+    let key = unique_key("renew");
+    let first = tokio::spawn({
+        let (svc, key) = (svc.clone(), key.clone());
+        async move {
+            send(&svc, post("/payments", Some(&key), "{}"))
+                .await
+                .status()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let during = send(&svc, post("/payments", Some(&key), "{}")).await;
+    assert_eq!(
+        during.status(),
+        StatusCode::CONFLICT,
+        "the renewed lease still holds"
+    );
+    assert_eq!(first.await.unwrap(), StatusCode::CREATED);
+    let after = send(&svc, post("/payments", Some(&key), "{}")).await;
+    assert_eq!(after.headers()["idempotent-replayed"], "true");
+    assert_eq!(counter.runs(), 1);
+}

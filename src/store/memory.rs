@@ -8,6 +8,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use bytes::Bytes;
 use dashmap::{mapref::entry::Entry as MapEntry, DashMap};
 use tokio::time::Instant;
 
@@ -73,6 +74,7 @@ pub struct MemoryStore {
 
 struct Inner {
     map: DashMap<RecordKey, Entry>,
+    epoch: Instant,
     limits: MemoryLimits,
     sweep_interval: Duration,
     entries: AtomicUsize,
@@ -80,16 +82,31 @@ struct Inner {
     sweeper_started: AtomicBool,
 }
 
+/// Kept small, since a million of these is a normal load: the first half
+/// of the fingerprint (128 bits is ample to tell two requests apart),
+/// milliseconds since the store's epoch, and a completed response as one
+/// encoded allocation of exactly its size.
 struct Entry {
-    fingerprint: Fingerprint,
-    expires_at: Instant,
+    fingerprint: [u8; 16],
+    expires_at: u64,
     state: State,
 }
 
 enum State {
-    InFlight(LockToken),
-    Completed(Arc<StoredResponse>, usize),
+    InFlight([u64; 2]),
+    Completed(Bytes),
     NotReplayable,
+}
+
+fn short(fingerprint: &Fingerprint) -> [u8; 16] {
+    let mut half = [0; 16];
+    half.copy_from_slice(&fingerprint.as_bytes()[..16]);
+    half
+}
+
+fn token_words(token: LockToken) -> [u64; 2] {
+    let value = token.as_u128();
+    [(value >> 64) as u64, value as u64]
 }
 
 impl Default for MemoryStore {
@@ -118,6 +135,7 @@ impl MemoryStore {
         Self {
             inner: Arc::new(Inner {
                 map: DashMap::new(),
+                epoch: Instant::now(),
                 limits,
                 sweep_interval,
                 entries: AtomicUsize::new(0),
@@ -186,8 +204,12 @@ impl MemoryStore {
 }
 
 impl Inner {
+    fn now(&self) -> u64 {
+        millis(Instant::now() - self.epoch)
+    }
+
     fn sweep(&self) {
-        let now = Instant::now();
+        let now = self.now();
         self.map.retain(|_, entry| {
             if entry.expires_at > now {
                 return true;
@@ -200,8 +222,8 @@ impl Inner {
     /// Accounts for an entry leaving the map.
     fn forget(&self, entry: &Entry) {
         self.entries.fetch_sub(1, Ordering::Relaxed);
-        if let State::Completed(_, size) = entry.state {
-            self.bytes.fetch_sub(size, Ordering::Relaxed);
+        if let State::Completed(record) = &entry.state {
+            self.bytes.fetch_sub(record.len(), Ordering::Relaxed);
         }
     }
 
@@ -224,30 +246,33 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<Begin, StoreError> {
         self.ensure_sweeper();
-        let now = Instant::now();
-        let token = LockToken::random();
-        let fresh = || Entry {
-            fingerprint: *fingerprint,
-            expires_at: now + lease,
-            state: State::InFlight(token),
-        };
         let inner = &self.inner;
+        let now = inner.now();
+        let token = LockToken::random();
+        let fingerprint = short(fingerprint);
+        let fresh = || Entry {
+            fingerprint,
+            expires_at: now + millis(lease),
+            state: State::InFlight(token_words(token)),
+        };
         match inner.map.entry(*key) {
             MapEntry::Occupied(mut occupied) => {
                 let entry = occupied.get_mut();
                 if entry.expires_at <= now {
-                    if let State::Completed(_, size) = entry.state {
-                        inner.bytes.fetch_sub(size, Ordering::Relaxed);
+                    if let State::Completed(record) = &entry.state {
+                        inner.bytes.fetch_sub(record.len(), Ordering::Relaxed);
                     }
                     *entry = fresh();
                     return Ok(Begin::Acquired(token));
                 }
-                if entry.fingerprint != *fingerprint {
+                if entry.fingerprint != fingerprint {
                     return Ok(Begin::Mismatch);
                 }
                 Ok(match &entry.state {
                     State::InFlight(_) => Begin::InFlight,
-                    State::Completed(response, _) => Begin::Completed(Arc::clone(response)),
+                    State::Completed(record) => {
+                        Begin::Completed(Arc::new(StoredResponse::decode(record.clone())?))
+                    }
                     State::NotReplayable => Begin::NotReplayable,
                 })
             }
@@ -275,12 +300,13 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let mut entry = self.held(key, token)?;
-        entry.expires_at = Instant::now() + ttl;
+        entry.expires_at = self.inner.now() + millis(ttl);
         entry.state = match outcome {
             Outcome::Response(response) => {
-                let size = response.size();
+                let record = response.encode();
+                let size = record.len();
                 if self.inner.reserve_bytes(size) {
-                    State::Completed(Arc::new(response), size)
+                    State::Completed(record)
                 } else {
                     tracing::warn!(
                         size,
@@ -295,6 +321,7 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        let token = token_words(token);
         let removed = self.inner.map.remove_if(
             key,
             |_, entry| matches!(entry.state, State::InFlight(held) if held == token),
@@ -314,7 +341,7 @@ impl Store for MemoryStore {
         token: LockToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.held(key, token)?.expires_at = Instant::now() + lease;
+        self.held(key, token)?.expires_at = self.inner.now() + millis(lease);
         Ok(())
     }
 }
@@ -329,8 +356,12 @@ impl MemoryStore {
     ) -> Result<dashmap::mapref::one::RefMut<'_, RecordKey, Entry>, StoreError> {
         let entry = self.inner.map.get_mut(key).ok_or(StoreError::LockLost)?;
         match entry.state {
-            State::InFlight(held) if held == token => Ok(entry),
+            State::InFlight(held) if held == token_words(token) => Ok(entry),
             _ => Err(StoreError::LockLost),
         }
     }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

@@ -58,20 +58,27 @@ impl StoredResponse {
         }
     }
 
-    /// Bytes this record occupies, as the memory store accounts for them.
-    pub fn size(&self) -> usize {
-        fn map_size(map: &HeaderMap) -> usize {
-            map.iter()
-                .map(|(name, value)| name.as_str().len() + value.len() + 32)
-                .sum()
+    /// The exact length of [`encode`](Self::encode)'s output.
+    pub fn encoded_len(&self) -> usize {
+        fn map_len(map: &HeaderMap) -> usize {
+            4 + map
+                .iter()
+                .map(|(name, value)| 8 + name.as_str().len() + value.len())
+                .sum::<usize>()
         }
-        self.body.len() + map_size(&self.headers) + self.trailers.as_ref().map_or(0, map_size)
+        MAGIC.len()
+            + 2
+            + map_len(&self.headers)
+            + 1
+            + self.trailers.as_ref().map_or(0, map_len)
+            + 8
+            + self.body.len()
     }
 
     /// Encodes the record into a self-describing byte string, for stores that
-    /// keep bytes.
+    /// keep bytes, in one allocation of exactly its length.
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.size() + 32);
+        let mut out = BytesMut::with_capacity(self.encoded_len());
         out.put_slice(MAGIC);
         out.put_u16(self.status.as_u16());
         put_map(&mut out, &self.headers);
@@ -226,6 +233,12 @@ mod tests {
     fn encoding_round_trips() {
         let record = sample();
         assert_eq!(StoredResponse::decode(record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn encoded_len_is_exact() {
+        let record = sample();
+        assert_eq!(record.encode().len(), record.encoded_len());
     }
 
     #[test]

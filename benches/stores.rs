@@ -1,0 +1,382 @@
+//! The Redis and PostgreSQL stores against a raw client doing the same reads
+//! and writes, and the store calls each request makes through the layer.
+//!
+//! Needs servers: `scripts/with-servers cargo bench --bench stores --all-features`.
+//! Without `TEST_REDIS_URL` and `TEST_DATABASE_URL` it measures nothing and
+//! says so.
+// criterion's macros generate undocumented public functions.
+#![allow(missing_docs)]
+
+#[cfg(all(feature = "redis", feature = "postgres"))]
+mod real {
+    use std::{
+        sync::{
+            atomic::{AtomicU64, Ordering},
+            Arc,
+        },
+        time::{Duration, Instant},
+    };
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use criterion::{Criterion, Throughput};
+    use tower::{Layer, ServiceExt};
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::{Begin, LockToken, Outcome, PostgresStore, RedisStore, StoreError},
+        IdempotencyLayer, Store,
+    };
+
+    use crate::common::{drain, handler, request};
+
+    /// Counts the calls the layer makes to a store; each call of the shipped
+    /// stores is one round trip (one script, one statement).
+    #[derive(Debug, Clone)]
+    struct Counting<S> {
+        inner: S,
+        calls: Arc<AtomicU64>,
+    }
+
+    #[async_trait]
+    impl<S: Store> Store for Counting<S> {
+        async fn begin(
+            &self,
+            key: &RecordKey,
+            fp: &Fingerprint,
+            lease: Duration,
+        ) -> Result<Begin, StoreError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.inner.begin(key, fp, lease).await
+        }
+        async fn complete(
+            &self,
+            key: &RecordKey,
+            token: LockToken,
+            outcome: Outcome,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.inner.complete(key, token, outcome, ttl).await
+        }
+        async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.inner.release(key, token).await
+        }
+        async fn renew(
+            &self,
+            key: &RecordKey,
+            token: LockToken,
+            lease: Duration,
+        ) -> Result<(), StoreError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.inner.renew(key, token, lease).await
+        }
+    }
+
+    async fn redis_evals(url: &str) -> u64 {
+        let client = redis::Client::open(url).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .filter_map(|l| {
+                l.split("calls=")
+                    .nth(1)?
+                    .split(',')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum()
+    }
+
+    /// Store calls per first use and per replay through the whole layer.
+    async fn calls_per_request(name: &str, store: Arc<dyn Store>, redis_url: Option<&str>) {
+        let calls = Arc::new(AtomicU64::new(0));
+        let counting = Counting {
+            inner: store,
+            calls: Arc::clone(&calls),
+        };
+        let svc = IdempotencyLayer::new(counting).layer(tower::service_fn(handler));
+        let body = Bytes::from_static(b"{\"amount\":1}");
+        let run = format!("{:?}", Instant::now());
+        const N: u64 = 200;
+        let evals_before = match redis_url {
+            Some(url) => redis_evals(url).await,
+            None => 0,
+        };
+        for i in 0..N {
+            drain(
+                svc.clone()
+                    .oneshot(request(Some(&format!("rt-{run}-{i}")), &body))
+                    .await
+                    .unwrap(),
+            )
+            .await;
+        }
+        let first_use = calls.swap(0, Ordering::Relaxed);
+        for i in 0..N {
+            drain(
+                svc.clone()
+                    .oneshot(request(Some(&format!("rt-{run}-{i}")), &body))
+                    .await
+                    .unwrap(),
+            )
+            .await;
+        }
+        let replay = calls.load(Ordering::Relaxed);
+        print!(
+            "{name}: store calls per request: first use {:.2}, replay {:.2}",
+            first_use as f64 / N as f64,
+            replay as f64 / N as f64
+        );
+        if let Some(url) = redis_url {
+            let evals = redis_evals(url).await - evals_before;
+            print!(
+                "; Redis EVAL/EVALSHA per request {:.2}",
+                evals as f64 / (2 * N) as f64
+            );
+        }
+        println!();
+    }
+
+    fn time<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, mut f: F) -> Duration
+    where
+        F: FnMut(u64) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        rt.block_on(async {
+            let start = Instant::now();
+            for i in 0..iters {
+                f(i).await;
+            }
+            start.elapsed()
+        })
+    }
+
+    pub(crate) fn stores(c: &mut Criterion) {
+        let (Ok(redis_url), Ok(database_url)) = (
+            std::env::var("TEST_REDIS_URL"),
+            std::env::var("TEST_DATABASE_URL"),
+        ) else {
+            println!("stores: TEST_REDIS_URL and TEST_DATABASE_URL are not set; run under scripts/with-servers");
+            return;
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (redis_store, raw_redis, pg_store, pool) = rt.block_on(async {
+            let redis_store = RedisStore::connect(&redis_url).await.unwrap().with_prefix("bench:");
+            let raw = redis::Client::open(redis_url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&database_url).await.unwrap();
+            let pg_store = PostgresStore::new(pool.clone()).with_table("bench_records").unwrap();
+            pg_store.migrate().await.unwrap();
+            sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_raw (key BYTEA PRIMARY KEY, state SMALLINT, body BYTEA, expires_at TIMESTAMPTZ)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            calls_per_request("redis", Arc::new(redis_store.clone()), Some(&redis_url)).await;
+            calls_per_request("postgres", Arc::new(pg_store.clone()), None).await;
+            (redis_store, raw, pg_store, pool)
+        });
+
+        let response = tower_idempotency::conformance::sample_response();
+        let encoded = response.encode();
+        let fp = Fingerprint::from_bytes([1; 32]);
+        let lease = Duration::from_secs(60);
+        let ttl = Duration::from_secs(600);
+        let run = format!("{:?}", Instant::now());
+        let key = |i: u64| RecordKey::new(run.as_bytes(), &i.to_string());
+
+        let mut group = c.benchmark_group("stores");
+        group.throughput(Throughput::Elements(1));
+        group.sample_size(20);
+
+        group.bench_function("redis/first_use", |b| {
+            b.iter_custom(|n| {
+                let salt = Instant::now().elapsed().as_nanos() as u64 ^ n;
+                time(&rt, n, |i| {
+                    let (store, response) = (redis_store.clone(), response.clone());
+                    async move {
+                        let k = key(i ^ (salt << 20));
+                        let Ok(Begin::Acquired(token)) = store.begin(&k, &fp, lease).await else {
+                            panic!("acquire")
+                        };
+                        store
+                            .complete(&k, token, Outcome::Response(response), ttl)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+        });
+        group.bench_function("redis/raw_set_nx_then_set", |b| {
+            b.iter_custom(|n| {
+                let salt = Instant::now().elapsed().as_nanos() as u64 ^ n;
+                time(&rt, n, |i| {
+                    let (mut conn, encoded) = (raw_redis.clone(), encoded.clone());
+                    async move {
+                        let k = format!("bench-raw:{}", key(i ^ (salt << 20)).to_hex());
+                        let _: Option<String> = redis::cmd("SET")
+                            .arg(&k)
+                            .arg("lock")
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(60_000)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        let _: () = redis::cmd("SET")
+                            .arg(&k)
+                            .arg(&encoded[..])
+                            .arg("PX")
+                            .arg(600_000)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+        });
+        let hot = key(u64::MAX);
+        rt.block_on(async {
+            if let Ok(Begin::Acquired(token)) = redis_store.begin(&hot, &fp, lease).await {
+                redis_store.complete(&hot, token, Outcome::Response(response.clone()), ttl).await.unwrap();
+            }
+            if let Ok(Begin::Acquired(token)) = pg_store.begin(&hot, &fp, lease).await {
+                pg_store.complete(&hot, token, Outcome::Response(response.clone()), ttl).await.unwrap();
+            }
+            let mut conn = raw_redis.clone();
+            let _: () = redis::cmd("SET").arg("bench-raw:hot").arg(&encoded[..]).query_async(&mut conn).await.unwrap();
+            sqlx::query("INSERT INTO bench_raw VALUES ($1, 1, $2, now() + interval '1 hour') ON CONFLICT DO NOTHING")
+                .bind(&hot.as_bytes()[..])
+                .bind(&encoded[..])
+                .execute(&pool)
+                .await
+                .unwrap();
+        });
+        group.bench_function("redis/replay", |b| {
+            b.iter_custom(|n| {
+                time(&rt, n, |_| {
+                    let store = redis_store.clone();
+                    async move {
+                        assert!(matches!(
+                            store.begin(&hot, &fp, lease).await,
+                            Ok(Begin::Completed(_))
+                        ))
+                    }
+                })
+            })
+        });
+        group.bench_function("redis/raw_get", |b| {
+            b.iter_custom(|n| {
+                time(&rt, n, |_| {
+                    let mut conn = raw_redis.clone();
+                    async move {
+                        let _: Vec<u8> = redis::cmd("GET")
+                            .arg("bench-raw:hot")
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+        });
+        group.bench_function("postgres/first_use", |b| {
+            b.iter_custom(|n| {
+                let salt = Instant::now().elapsed().as_nanos() as u64 ^ n;
+                time(&rt, n, |i| {
+                    let (store, response) = (pg_store.clone(), response.clone());
+                    async move {
+                        let k = key(i ^ (salt << 20));
+                        let Ok(Begin::Acquired(token)) = store.begin(&k, &fp, lease).await else {
+                            panic!("acquire")
+                        };
+                        store
+                            .complete(&k, token, Outcome::Response(response), ttl)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+        });
+        group.bench_function("postgres/raw_insert_then_update", |b| {
+            b.iter_custom(|n| {
+                let salt = Instant::now().elapsed().as_nanos() as u64 ^ n;
+                time(&rt, n, |i| {
+                    let (pool, encoded) = (pool.clone(), encoded.clone());
+                    async move {
+                        let k = key(i ^ (salt << 20));
+                        sqlx::query("INSERT INTO bench_raw (key, state, expires_at) VALUES ($1, 0, now() + interval '1 minute') ON CONFLICT DO NOTHING")
+                            .bind(&k.as_bytes()[..])
+                            .execute(&pool)
+                            .await
+                            .unwrap();
+                        sqlx::query("UPDATE bench_raw SET state = 1, body = $2, expires_at = now() + interval '10 minutes' WHERE key = $1")
+                            .bind(&k.as_bytes()[..])
+                            .bind(&encoded[..])
+                            .execute(&pool)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+        });
+        group.bench_function("postgres/replay", |b| {
+            b.iter_custom(|n| {
+                time(&rt, n, |_| {
+                    let store = pg_store.clone();
+                    async move {
+                        assert!(matches!(
+                            store.begin(&hot, &fp, lease).await,
+                            Ok(Begin::Completed(_))
+                        ))
+                    }
+                })
+            })
+        });
+        group.bench_function("postgres/raw_select", |b| {
+            b.iter_custom(|n| {
+                time(&rt, n, |_| {
+                    let pool = pool.clone();
+                    async move {
+                        let _: (Vec<u8>,) = sqlx::query_as(
+                            "SELECT body FROM bench_raw WHERE key = $1 AND expires_at > now()",
+                        )
+                        .bind(&hot.as_bytes()[..])
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                    }
+                })
+            })
+        });
+        group.finish();
+    }
+}
+
+mod common;
+
+#[cfg(all(feature = "redis", feature = "postgres"))]
+fn stores(c: &mut criterion::Criterion) {
+    real::stores(c);
+}
+
+#[cfg(not(all(feature = "redis", feature = "postgres")))]
+fn stores(_: &mut criterion::Criterion) {
+    println!("stores: build with --features redis,postgres,conformance to measure the stores");
+}
+
+criterion::criterion_group! {
+    name = benches;
+    config = criterion::Criterion::default()
+        .measurement_time(std::time::Duration::from_secs(3))
+        .warm_up_time(std::time::Duration::from_secs(1));
+    targets = stores
+}
+criterion::criterion_main!(benches);
