@@ -127,19 +127,23 @@ fn paths(c: &mut Criterion) {
     group.bench_function("conflict_409", |b| {
         b.iter_custom(|n| {
             rt.block_on(async {
-                let stuck = tower::service_fn(|req: Request<_>| async move {
-                    if req.uri().path() == "/hang" {
-                        std::future::pending::<()>().await;
+                let holding = std::sync::Arc::new(tokio::sync::Notify::new());
+                let signal = std::sync::Arc::clone(&holding);
+                let stuck = tower::service_fn(move |req: Request<_>| {
+                    let signal = std::sync::Arc::clone(&signal);
+                    async move {
+                        if req.uri().path() == "/hang" {
+                            signal.notify_one();
+                            std::future::pending::<()>().await;
+                        }
+                        handler(req).await
                     }
-                    handler(req).await
                 });
                 let svc = layer().layer(stuck);
                 let mut hang = request(Some("k"), &body);
                 *hang.uri_mut() = "/hang".parse().unwrap();
                 let holder = tokio::spawn(svc.clone().oneshot(hang));
-                tokio::task::yield_now().await;
-                let mut conflict = request(Some("k"), &body);
-                *conflict.uri_mut() = "/hang".parse().unwrap();
+                holding.notified().await;
                 let start = Instant::now();
                 for _ in 0..n {
                     let mut req = request(Some("k"), &body);

@@ -279,7 +279,7 @@ where
             }
             Ok(Begin::Completed(stored)) => {
                 shared.metrics.record(Decision::Replayed);
-                return Ok(replay(&stored));
+                return Ok(replay(stored));
             }
             Ok(Begin::InFlight) => match deadline {
                 Some(deadline) if Instant::now() + backoff < deadline => {
@@ -313,16 +313,17 @@ where
     }
 }
 
-fn replay<B>(stored: &StoredResponse) -> Response<ResponseBody<B>> {
-    let mut response = Response::new(ResponseBody::full(
-        stored.body.clone(),
-        stored.trailers.clone(),
-    ));
+/// The stored response, as the client first got it, marked as a replay. A
+/// store that decodes a fresh record per lookup hands it over whole, so
+/// nothing is copied; a shared one is cloned.
+fn replay<B>(stored: Arc<StoredResponse>) -> Response<ResponseBody<B>> {
+    let stored = Arc::try_unwrap(stored).unwrap_or_else(|shared| (*shared).clone());
+    let mut response = Response::new(ResponseBody::full(stored.body, stored.trailers));
     *response.status_mut() = stored.status;
-    let headers = response.headers_mut();
-    headers.reserve(stored.headers.len() + 1);
-    headers.extend(stored.headers.iter().map(|(n, v)| (n.clone(), v.clone())));
-    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    *response.headers_mut() = stored.headers;
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     response
 }
 
