@@ -236,11 +236,13 @@ where
 {
     let config = &shared.config;
     let (parts, body) = req.into_parts();
-    let collected = tokio::time::timeout(
-        config.body_timeout,
-        Limited::new(body, config.body_limit).collect(),
-    )
-    .await;
+    let mut collect = std::pin::pin!(Limited::new(body, config.body_limit).collect());
+    // Most bodies have fully arrived by now: only a body still in transit
+    // pays for a timer.
+    let collected = match std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await {
+        Poll::Ready(collected) => Ok(collected),
+        Poll::Pending => tokio::time::timeout(config.body_timeout, collect).await,
+    };
     let body = match collected {
         Ok(Ok(collected)) => collected.to_bytes(),
         Ok(Err(err)) if err.is::<LengthLimitError>() => {

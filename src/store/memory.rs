@@ -248,9 +248,9 @@ impl Store for MemoryStore {
         self.ensure_sweeper();
         let inner = &self.inner;
         let now = inner.now();
-        let token = LockToken::random();
         let fingerprint = short(fingerprint);
-        let fresh = || Entry {
+        // The token is drawn only when the key is actually taken.
+        let fresh = |token: LockToken| Entry {
             fingerprint,
             expires_at: now + millis(lease),
             state: State::InFlight(token_words(token)),
@@ -262,7 +262,8 @@ impl Store for MemoryStore {
                     if let State::Completed(record) = &entry.state {
                         inner.bytes.fetch_sub(record.len(), Ordering::Relaxed);
                     }
-                    *entry = fresh();
+                    let token = LockToken::random();
+                    *entry = fresh(token);
                     return Ok(Begin::Acquired(token));
                 }
                 if entry.fingerprint != fingerprint {
@@ -286,7 +287,8 @@ impl Store for MemoryStore {
                 if !admitted {
                     return Err(StoreError::Full);
                 }
-                vacant.insert(fresh());
+                let token = LockToken::random();
+                vacant.insert(fresh(token));
                 Ok(Begin::Acquired(token))
             }
         }
