@@ -236,12 +236,14 @@ where
 {
     let config = &shared.config;
     let (parts, body) = req.into_parts();
-    let mut collect = std::pin::pin!(Limited::new(body, config.body_limit).collect());
-    // Most bodies have fully arrived by now: only a body still in transit
-    // pays for a timer.
-    let collected = match std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await {
-        Poll::Ready(collected) => Ok(collected),
-        Poll::Pending => tokio::time::timeout(config.body_timeout, collect).await,
+    let collected = {
+        let mut collect = std::pin::pin!(Limited::new(body, config.body_limit).collect());
+        // Most bodies have fully arrived by now: only a body still in
+        // transit pays for a timer.
+        match std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await {
+            Poll::Ready(collected) => Ok(collected),
+            Poll::Pending => Box::pin(tokio::time::timeout(config.body_timeout, collect)).await,
+        }
     };
     let body = match collected {
         Ok(Ok(collected)) => collected.to_bytes(),
@@ -277,7 +279,9 @@ where
             Ok(Begin::Acquired(token)) => {
                 shared.metrics.record(Decision::Executed);
                 let lock = LockGuard::new(Arc::clone(&shared), record, token);
-                return first_use(&mut inner, req, lock).await;
+                // Boxed, so that replays and conflicts do not carry the
+                // state of a first use in their own future.
+                return Box::pin(first_use(&mut inner, req, lock)).await;
             }
             Ok(Begin::Completed(stored)) => {
                 shared.metrics.record(Decision::Replayed);
@@ -285,7 +289,7 @@ where
             }
             Ok(Begin::InFlight) => match deadline {
                 Some(deadline) if Instant::now() + backoff < deadline => {
-                    tokio::time::sleep(backoff).await;
+                    Box::pin(tokio::time::sleep(backoff)).await;
                     backoff = (backoff * 2).min(Duration::from_millis(250));
                     continue;
                 }
@@ -297,7 +301,7 @@ where
                 shared.metrics.record(Decision::StoreError);
                 tracing::error!(error = %err, "idempotency store failed");
                 if config.store_failure == StoreFailure::FailOpen {
-                    let response = inner.call(req).await?;
+                    let response = Box::pin(inner.call(req)).await?;
                     return Ok(response.map(ResponseBody::inner));
                 }
                 return Ok(match err {
