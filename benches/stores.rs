@@ -103,7 +103,10 @@ mod real {
         };
         let svc = IdempotencyLayer::new(counting).layer(tower::service_fn(handler));
         let body = Bytes::from_static(b"{\"amount\":1}");
-        let run = format!("{:?}", Instant::now());
+        let run = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
         const N: u64 = 200;
         let evals_before = match redis_url {
             Some(url) => redis_evals(url).await,
@@ -129,6 +132,7 @@ mod real {
             .await;
         }
         let replay = calls.load(Ordering::Relaxed);
+        assert!(first_use >= N, "every first use reached the store");
         print!(
             "{name}: store calls per request: first use {:.2}, replay {:.2}",
             first_use as f64 / N as f64,
@@ -192,6 +196,9 @@ mod real {
         let ttl = Duration::from_secs(600);
         let run = format!("{:?}", Instant::now());
         let key = |i: u64| RecordKey::new(run.as_bytes(), &i.to_string());
+        // Every timed first use takes a key never used before.
+        let fresh = AtomicU64::new(0);
+        let fresh = &fresh;
 
         let mut group = c.benchmark_group("stores");
         group.throughput(Throughput::Elements(1));
@@ -199,11 +206,10 @@ mod real {
 
         group.bench_function("redis/first_use", |b| {
             b.iter_custom(|n| {
-                let salt = Instant::now().elapsed().as_nanos() as u64 ^ n;
-                time(&rt, n, |i| {
+                time(&rt, n, |_| {
                     let (store, response) = (redis_store.clone(), response.clone());
                     async move {
-                        let k = key(i ^ (salt << 20));
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                         let Ok(Begin::Acquired(token)) = store.begin(&k, &fp, lease).await else {
                             panic!("acquire")
                         };
@@ -217,11 +223,13 @@ mod real {
         });
         group.bench_function("redis/raw_set_nx_then_set", |b| {
             b.iter_custom(|n| {
-                let salt = Instant::now().elapsed().as_nanos() as u64 ^ n;
-                time(&rt, n, |i| {
+                time(&rt, n, |_| {
                     let (mut conn, encoded) = (raw_redis.clone(), encoded.clone());
                     async move {
-                        let k = format!("bench-raw:{}", key(i ^ (salt << 20)).to_hex());
+                        let k = format!(
+                            "bench-raw:{}",
+                            key(fresh.fetch_add(1, Ordering::Relaxed)).to_hex()
+                        );
                         let _: Option<String> = redis::cmd("SET")
                             .arg(&k)
                             .arg("lock")
@@ -289,11 +297,10 @@ mod real {
         });
         group.bench_function("postgres/first_use", |b| {
             b.iter_custom(|n| {
-                let salt = Instant::now().elapsed().as_nanos() as u64 ^ n;
-                time(&rt, n, |i| {
+                time(&rt, n, |_| {
                     let (store, response) = (pg_store.clone(), response.clone());
                     async move {
-                        let k = key(i ^ (salt << 20));
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                         let Ok(Begin::Acquired(token)) = store.begin(&k, &fp, lease).await else {
                             panic!("acquire")
                         };
@@ -307,11 +314,10 @@ mod real {
         });
         group.bench_function("postgres/raw_insert_then_update", |b| {
             b.iter_custom(|n| {
-                let salt = Instant::now().elapsed().as_nanos() as u64 ^ n;
-                time(&rt, n, |i| {
+                time(&rt, n, |_| {
                     let (pool, encoded) = (pool.clone(), encoded.clone());
                     async move {
-                        let k = key(i ^ (salt << 20));
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                         sqlx::query("INSERT INTO bench_raw (key, state, expires_at) VALUES ($1, 0, now() + interval '1 minute') ON CONFLICT DO NOTHING")
                             .bind(&k.as_bytes()[..])
                             .execute(&pool)

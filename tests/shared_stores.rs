@@ -324,3 +324,78 @@ async fn slow_handler_on_redis_renews_its_lease() {
     assert_eq!(after.headers()["idempotent-replayed"], "true");
     assert_eq!(counter.runs(), 1);
 }
+
+#[tokio::test]
+async fn stopped_redis_server_answers_503_then_recovers_when_it_returns() {
+    // A Redis server of this test's own, so that stopping it leaves the
+    // shared test server alone.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let start = || {
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed by scripts/test");
+        std::thread::sleep(Duration::from_millis(300));
+        child
+    };
+    let mut server = start();
+    let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let svc = app(
+        &IdempotencyLayer::new(store),
+        counter.handler(Duration::ZERO),
+    );
+    assert_eq!(
+        send(&svc, post("/payments", Some("before"), "{}"))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let (status, _, problem) =
+        json(send(&svc, post("/payments", Some("during"), "{}")).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("store-unavailable"));
+    assert_eq!(counter.runs(), 1, "nothing runs while the store is down");
+
+    let mut server = start();
+    let mut recovered = false;
+    for _ in 0..50 {
+        if send(&svc, post("/payments", Some("after"), "{}"))
+            .await
+            .status()
+            == StatusCode::CREATED
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+    assert!(
+        recovered,
+        "the reconnecting connection serves again once Redis is back"
+    );
+    assert_eq!(counter.runs(), 2);
+}
