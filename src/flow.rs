@@ -90,19 +90,12 @@ impl Shared {
         problem::response(kind, body, retry_after).map(|body| ResponseBody::full(body, None))
     }
 
-    /// Registers a held lock with the lease keeper, which one task per
-    /// service renews every third of a lease: a request pays for renewal only
-    /// when it outlives that.
-    fn hold(self: &Arc<Self>, key: RecordKey, token: LockToken) -> u64 {
+    /// Registers a held lock with the lease keeper, the one task per
+    /// service that renews, every third of a lease, the locks older than
+    /// that.
+    fn hold(self: &Arc<Self>, key: RecordKey, token: LockToken, since: Instant) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        self.held.insert(
-            id,
-            Held {
-                key,
-                token,
-                since: Instant::now(),
-            },
-        );
+        self.held.insert(id, Held { key, token, since });
         if !self.keeper_started.load(Ordering::Relaxed)
             && !self.keeper_started.swap(true, Ordering::AcqRel)
         {
@@ -149,31 +142,47 @@ struct LockGuard {
     shared: Arc<Shared>,
     key: RecordKey,
     token: LockToken,
-    id: u64,
+    acquired: Instant,
+    /// Set once the lease keeper knows of this lock.
+    kept: Option<u64>,
     settled: bool,
 }
 
 impl LockGuard {
     fn new(shared: Arc<Shared>, key: RecordKey, token: LockToken) -> Self {
-        let id = shared.hold(key, token);
         Self {
             shared,
             key,
             token,
-            id,
+            acquired: Instant::now(),
+            kept: None,
             settled: false,
+        }
+    }
+
+    /// Hands the lock to the lease keeper. Called when the work has to
+    /// wait; a handler that answers at once never pays for it.
+    fn keep_alive(&mut self) {
+        if self.kept.is_none() {
+            self.kept = Some(self.shared.hold(self.key, self.token, self.acquired));
+        }
+    }
+
+    fn forget(&mut self) {
+        if let Some(id) = self.kept.take() {
+            self.shared.held.remove(&id);
         }
     }
 
     async fn release(mut self) {
         self.settled = true;
-        self.shared.held.remove(&self.id);
+        self.forget();
         release(&self.shared, self.key, self.token).await;
     }
 
     async fn complete(mut self, outcome: Outcome) {
         self.settled = true;
-        self.shared.held.remove(&self.id);
+        self.forget();
         let config = &self.shared.config;
         if let Err(err) = config
             .store
@@ -191,10 +200,10 @@ impl LockGuard {
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        self.forget();
         if self.settled {
             return;
         }
-        self.shared.held.remove(&self.id);
         let (shared, key, token) = (Arc::clone(&self.shared), self.key, self.token);
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
@@ -358,7 +367,15 @@ where
         finish: finish_call::<S::Future, ResBody, S::Error>,
     };
     let result = std::future::poll_fn(|cx| match pending.call.as_mut() {
-        Some(call) => call.as_mut().poll(cx),
+        Some(call) => {
+            let poll = call.as_mut().poll(cx);
+            if poll.is_pending() {
+                if let Some(lock) = pending.lock.as_mut() {
+                    lock.keep_alive();
+                }
+            }
+            poll
+        }
         None => unreachable!("the call is only taken once it is done"),
     })
     .await;
@@ -436,6 +453,8 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
+    let mut lock = lock;
+    lock.keep_alive();
     Box::pin(async move {
         match call.await {
             Ok(response) => drain(respond(response, lock, false).await.into_body()).await,
@@ -581,7 +600,13 @@ where
         let Some(body) = self.body.as_mut() else {
             return Poll::Ready(None);
         };
-        match ready!(body.as_mut().poll_frame(cx)) {
+        let polled = body.as_mut().poll_frame(cx);
+        if polled.is_pending() {
+            if let Some(lock) = self.lock.as_mut() {
+                lock.keep_alive();
+            }
+        }
+        match ready!(polled) {
             Some(Ok(frame)) => {
                 let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
                 if let Some(capture) = self.capture.as_mut() {

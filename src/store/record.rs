@@ -19,7 +19,7 @@ pub struct StoredResponse {
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the
 /// response, so they are never stored. `content-length` is recomputed from
 /// the stored body on replay.
-const NOT_STORED: [HeaderName; 8] = [
+static NOT_STORED: [HeaderName; 8] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
     header::TE,
