@@ -116,21 +116,26 @@ async fn keep_leases(shared: Weak<Shared>) {
         let Some(shared) = shared.upgrade() else {
             return;
         };
-        let due = Instant::now() - period;
-        let renewals: Vec<(RecordKey, LockToken)> = shared
+        let Some(due) = Instant::now().checked_sub(period) else {
+            continue;
+        };
+        let renewals: Vec<(u64, RecordKey, LockToken)> = shared
             .held
             .iter()
             .filter(|held| held.since <= due)
-            .map(|held| (held.key, held.token))
+            .map(|held| (*held.key(), held.key, held.token))
             .collect();
-        for (key, token) in renewals {
-            if let Err(err) = shared
+        for (id, key, token) in renewals {
+            let renewed = shared
                 .config
                 .store
                 .renew(&key, token, shared.config.lease)
-                .await
-            {
-                tracing::warn!(error = %err, ?key, "could not renew an idempotency lease");
+                .await;
+            // A lock settled since the list was taken needs no renewal.
+            if let Err(err) = renewed {
+                if shared.held.contains_key(&id) {
+                    tracing::warn!(error = %err, ?key, "could not renew an idempotency lease");
+                }
             }
         }
     }
@@ -175,9 +180,11 @@ impl LockGuard {
     }
 
     async fn release(mut self) {
-        self.settled = true;
         self.forget();
         release(&self.shared, self.key, self.token).await;
+        // Only now: dropped while the store answers, the guard releases
+        // again from a task rather than leave the key locked.
+        self.settled = true;
     }
 
     async fn complete(mut self, outcome: Outcome) {
