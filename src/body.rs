@@ -108,7 +108,9 @@ pin_project! {
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
         Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
-        Capturing { state: CaptureState<B> },
+        // Boxed: the capture state is several hundred bytes, and every
+        // response is moved up through a few futures on its way out.
+        Capturing { state: Box<CaptureState<B>> },
     }
 }
 
@@ -130,7 +132,9 @@ impl<B> ResponseBody<B> {
 
     pub(crate) fn capturing(state: CaptureState<B>) -> Self {
         Self {
-            kind: ResponseKind::Capturing { state },
+            kind: ResponseKind::Capturing {
+                state: Box::new(state),
+            },
         }
     }
 }

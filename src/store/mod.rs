@@ -78,20 +78,28 @@ pub enum Outcome {
 pub struct LockToken(u128);
 
 impl LockToken {
-    /// A fresh token, unique with overwhelming probability across processes.
+    /// A fresh token, unique with overwhelming probability across processes:
+    /// 64 random bits drawn once per process, then a 64-bit counter.
     pub fn random() -> Self {
         use std::hash::{BuildHasher, Hasher};
-        use std::sync::atomic::{AtomicU64, Ordering};
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        // `RandomState` is seeded from the OS once per process and then
-        // varied per instance, which is all a fencing token needs.
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let half = |salt: u64| {
-            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-            h.write_u64(n ^ salt);
-            h.finish()
+        use std::sync::{
+            atomic::{AtomicU64, Ordering},
+            OnceLock,
         };
-        Self((u128::from(half(0)) << 64) | u128::from(half(u64::MAX)))
+        static PROCESS: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        // `RandomState` is seeded from the OS: enough to tell processes apart.
+        let process = *PROCESS.get_or_init(|| {
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos()),
+            );
+            hasher.finish()
+        });
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Self((u128::from(process) << 64) | u128::from(n))
     }
 
     /// Rebuilds a token read back from a store.
