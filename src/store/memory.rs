@@ -1,6 +1,5 @@
 use std::{
     fmt,
-    hash::{BuildHasherDefault, Hasher},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Weak,
@@ -74,7 +73,10 @@ pub struct MemoryStore {
 }
 
 struct Inner {
-    map: DashMap<RecordKey, Entry, BuildHasherDefault<DigestHasher>>,
+    // Keyed by the default, randomly seeded hasher on purpose: record keys
+    // come from client-chosen keys, and a fixed hash of them would let a
+    // client grind keys into one bucket.
+    map: DashMap<RecordKey, Entry>,
     epoch: Instant,
     limits: MemoryLimits,
     sweep_interval: Duration,
@@ -97,27 +99,6 @@ enum State {
     InFlight([u64; 2]),
     Completed(Bytes),
     NotReplayable,
-}
-
-/// A record key is already a SHA-256 digest, uniform in every bit: its first
-/// eight bytes are a hash as good as any, without hashing it again.
-#[derive(Default)]
-struct DigestHasher(u64);
-
-impl Hasher for DigestHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        let mut word = [0; 8];
-        let len = bytes.len().min(8);
-        word[..len].copy_from_slice(&bytes[..len]);
-        self.0 ^= u64::from_le_bytes(word);
-    }
-
-    // The slice length `Hash` writes first carries nothing.
-    fn write_usize(&mut self, _: usize) {}
 }
 
 fn short(fingerprint: &Fingerprint) -> [u8; 16] {
@@ -156,7 +137,7 @@ impl MemoryStore {
     fn build(limits: MemoryLimits, sweep_interval: Duration) -> Self {
         Self {
             inner: Arc::new(Inner {
-                map: DashMap::default(),
+                map: DashMap::new(),
                 epoch: Instant::now(),
                 limits,
                 sweep_interval,
