@@ -68,6 +68,24 @@ async fn begin(store: &impl Store, key: &RecordKey, fp: u8) -> Begin {
         .expect("begin must succeed on a healthy store")
 }
 
+/// `token` does not hold `key`: completing, releasing and renewing with it
+/// all fail with [`StoreError::LockLost`].
+async fn assert_fenced(store: &impl Store, key: &RecordKey, token: LockToken) {
+    let outcome = Outcome::Response(sample_response());
+    assert!(matches!(
+        store.complete(key, token, outcome, TTL).await,
+        Err(StoreError::LockLost)
+    ));
+    assert!(matches!(
+        store.release(key, token).await,
+        Err(StoreError::LockLost)
+    ));
+    assert!(matches!(
+        store.renew(key, token, LEASE).await,
+        Err(StoreError::LockLost)
+    ));
+}
+
 /// A free key is acquired.
 pub async fn first_begin_acquires(store: &impl Store) {
     acquire(store, &fresh_key(), 1, LEASE).await;
@@ -153,20 +171,7 @@ pub async fn released_key_is_free_again(store: &impl Store) {
 pub async fn foreign_token_is_refused(store: &impl Store) {
     let key = fresh_key();
     acquire(store, &key, 1, LEASE).await;
-    let stranger = LockToken::random();
-    let outcome = Outcome::Response(sample_response());
-    assert!(matches!(
-        store.complete(&key, stranger, outcome, TTL).await,
-        Err(StoreError::LockLost)
-    ));
-    assert!(matches!(
-        store.release(&key, stranger).await,
-        Err(StoreError::LockLost)
-    ));
-    assert!(matches!(
-        store.renew(&key, stranger, LEASE).await,
-        Err(StoreError::LockLost)
-    ));
+    assert_fenced(store, &key, LockToken::random()).await;
     assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
 }
 
@@ -193,19 +198,7 @@ pub async fn expired_lease_is_taken_over_and_fences_the_old_holder(store: &impl 
     tokio::time::sleep(SHORT * 2).await;
     let new = acquire(store, &key, 1, LEASE).await;
     assert_ne!(old, new);
-    let outcome = Outcome::Response(sample_response());
-    assert!(matches!(
-        store.complete(&key, old, outcome, TTL).await,
-        Err(StoreError::LockLost)
-    ));
-    assert!(matches!(
-        store.release(&key, old).await,
-        Err(StoreError::LockLost)
-    ));
-    assert!(matches!(
-        store.renew(&key, old, LEASE).await,
-        Err(StoreError::LockLost)
-    ));
+    assert_fenced(store, &key, old).await;
     assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
     store
         .complete(&key, new, Outcome::Response(sample_response()), TTL)
