@@ -5,7 +5,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use common::{app, json, post, read, send, Chunks, Counter};
+use common::{app, json, post, read, send, spawn_send, Chunks, Counter};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower::ServiceExt;
@@ -234,14 +234,7 @@ async fn retry_after_completion_replays_byte_for_byte() {
 async fn duplicate_while_in_flight_gets_409_with_retry_after() {
     let counter = Counter::default();
     let svc = app(&layer(), counter.handler(Duration::from_millis(300)));
-    let first = tokio::spawn({
-        let svc = svc.clone();
-        async move {
-            send(&svc, post("/payments", Some(KEY), "{}"))
-                .await
-                .status()
-        }
-    });
+    let first = spawn_send(&svc, post("/payments", Some(KEY), "{}"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let (status, headers, problem) =
         json(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
@@ -251,7 +244,7 @@ async fn duplicate_while_in_flight_gets_409_with_retry_after() {
         .as_str()
         .unwrap()
         .ends_with("request-in-flight"));
-    assert_eq!(first.await.unwrap(), StatusCode::CREATED);
+    assert_eq!(first.await.unwrap().0.status, StatusCode::CREATED);
     assert_eq!(counter.runs(), 1);
 }
 
@@ -262,10 +255,7 @@ async fn waiting_duplicate_gets_the_replay_when_configured() {
         &layer().with_in_flight(InFlightPolicy::Wait(Duration::from_secs(5))),
         counter.handler(Duration::from_millis(200)),
     );
-    let first = tokio::spawn({
-        let svc = svc.clone();
-        async move { read(send(&svc, post("/payments", Some(KEY), "{}")).await).await }
-    });
+    let first = spawn_send(&svc, post("/payments", Some(KEY), "{}"));
     tokio::time::sleep(Duration::from_millis(30)).await;
     let (waited, waited_body) = read(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
     let (_, first_body) = first.await.unwrap();
@@ -282,18 +272,11 @@ async fn waiting_duplicate_gets_409_when_the_wait_runs_out() {
         &layer().with_in_flight(InFlightPolicy::Wait(Duration::from_millis(100))),
         counter.handler(Duration::from_millis(600)),
     );
-    let first = tokio::spawn({
-        let svc = svc.clone();
-        async move {
-            send(&svc, post("/payments", Some(KEY), "{}"))
-                .await
-                .status()
-        }
-    });
+    let first = spawn_send(&svc, post("/payments", Some(KEY), "{}"));
     tokio::time::sleep(Duration::from_millis(30)).await;
     let waited = send(&svc, post("/payments", Some(KEY), "{}")).await;
     assert_eq!(waited.status(), StatusCode::CONFLICT);
-    assert_eq!(first.await.unwrap(), StatusCode::CREATED);
+    assert_eq!(first.await.unwrap().0.status, StatusCode::CREATED);
 }
 
 async fn assert_mismatch(second: Request<Full<Bytes>>) {
@@ -352,14 +335,11 @@ async fn same_key_with_another_content_type_gets_422() {
 async fn same_key_while_in_flight_with_another_body_gets_422() {
     let counter = Counter::default();
     let svc = app(&layer(), counter.handler(Duration::from_millis(300)));
-    let first = tokio::spawn({
-        let svc = svc.clone();
-        async move { send(&svc, post("/payments", Some(KEY), "a")).await.status() }
-    });
+    let first = spawn_send(&svc, post("/payments", Some(KEY), "a"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let second = send(&svc, post("/payments", Some(KEY), "b")).await;
     assert_eq!(second.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(first.await.unwrap(), StatusCode::CREATED);
+    assert_eq!(first.await.unwrap().0.status, StatusCode::CREATED);
 }
 
 #[tokio::test]
@@ -656,15 +636,11 @@ async fn key_in_flight_for_one_client_does_not_block_another() {
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
         request
     };
-    let alice = tokio::spawn({
-        let svc = svc.clone();
-        let request = as_user("alice");
-        async move { send(&svc, request).await.status() }
-    });
+    let alice = spawn_send(&svc, as_user("alice"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let bob = send(&svc, as_user("bob")).await;
     assert_eq!(bob.status(), StatusCode::CREATED);
-    assert_eq!(alice.await.unwrap(), StatusCode::CREATED);
+    assert_eq!(alice.await.unwrap().0.status, StatusCode::CREATED);
     assert_eq!(counter.runs(), 2);
 }
 
@@ -700,10 +676,7 @@ async fn slow_handler_keeps_its_lock_past_the_lease() {
         &layer().with_lease(Duration::from_millis(300)),
         counter.handler(Duration::from_millis(1200)),
     );
-    let first = tokio::spawn({
-        let svc = svc.clone();
-        async move { read(send(&svc, post("/payments", Some(KEY), "{}")).await).await }
-    });
+    let first = spawn_send(&svc, post("/payments", Some(KEY), "{}"));
     tokio::time::sleep(Duration::from_millis(800)).await;
     let during = send(&svc, post("/payments", Some(KEY), "{}")).await;
     assert_eq!(

@@ -274,3 +274,13 @@ where
     });
     addr
 }
+
+/// Sends `request` from a task of its own, so that a test can act while it
+/// is in flight; the handle yields the response's head and whole body.
+pub fn spawn_send(
+    service: &tower_idempotency::Idempotency<Handler>,
+    request: Request<Full<Bytes>>,
+) -> tokio::task::JoinHandle<(http::response::Parts, Bytes)> {
+    let service = service.clone();
+    tokio::spawn(async move { read(send(&service, request).await).await })
+}
