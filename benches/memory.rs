@@ -93,7 +93,7 @@ async fn fill(store: &MemoryStore, entries: usize) -> usize {
             .complete(
                 &key,
                 token,
-                Outcome::Response(response),
+                Outcome::Response(response.encode()),
                 Duration::from_secs(3600),
             )
             .await

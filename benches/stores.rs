@@ -189,8 +189,7 @@ mod real {
             (redis_store, raw, pg_store, pool)
         });
 
-        let response = tower_idempotency::conformance::sample_response();
-        let encoded = response.encode();
+        let encoded = tower_idempotency::conformance::sample_response().encode();
         let fp = Fingerprint::from_bytes([1; 32]);
         let lease = Duration::from_secs(60);
         let ttl = Duration::from_secs(600);
@@ -207,14 +206,14 @@ mod real {
         group.bench_function("redis/first_use", |b| {
             b.iter_custom(|n| {
                 time(&rt, n, |_| {
-                    let (store, response) = (redis_store.clone(), response.clone());
+                    let (store, encoded) = (redis_store.clone(), encoded.clone());
                     async move {
                         let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                         let Ok(Begin::Acquired(token)) = store.begin(&k, &fp, lease).await else {
                             panic!("acquire")
                         };
                         store
-                            .complete(&k, token, Outcome::Response(response), ttl)
+                            .complete(&k, token, Outcome::Response(encoded), ttl)
                             .await
                             .unwrap();
                     }
@@ -254,10 +253,10 @@ mod real {
         let hot = key(u64::MAX);
         rt.block_on(async {
             if let Ok(Begin::Acquired(token)) = redis_store.begin(&hot, &fp, lease).await {
-                redis_store.complete(&hot, token, Outcome::Response(response.clone()), ttl).await.unwrap();
+                redis_store.complete(&hot, token, Outcome::Response(encoded.clone()), ttl).await.unwrap();
             }
             if let Ok(Begin::Acquired(token)) = pg_store.begin(&hot, &fp, lease).await {
-                pg_store.complete(&hot, token, Outcome::Response(response.clone()), ttl).await.unwrap();
+                pg_store.complete(&hot, token, Outcome::Response(encoded.clone()), ttl).await.unwrap();
             }
             let mut conn = raw_redis.clone();
             let _: () = redis::cmd("SET").arg("bench-raw:hot").arg(&encoded[..]).query_async(&mut conn).await.unwrap();
@@ -298,14 +297,14 @@ mod real {
         group.bench_function("postgres/first_use", |b| {
             b.iter_custom(|n| {
                 time(&rt, n, |_| {
-                    let (store, response) = (pg_store.clone(), response.clone());
+                    let (store, encoded) = (pg_store.clone(), encoded.clone());
                     async move {
                         let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                         let Ok(Begin::Acquired(token)) = store.begin(&k, &fp, lease).await else {
                             panic!("acquire")
                         };
                         store
-                            .complete(&k, token, Outcome::Response(response), ttl)
+                            .complete(&k, token, Outcome::Response(encoded), ttl)
                             .await
                             .unwrap();
                     }

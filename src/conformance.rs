@@ -71,7 +71,7 @@ async fn begin(store: &impl Store, key: &RecordKey, fp: u8) -> Begin {
 /// `token` does not hold `key`: completing, releasing and renewing with it
 /// all fail with [`StoreError::LockLost`].
 async fn assert_fenced(store: &impl Store, key: &RecordKey, token: LockToken) {
-    let outcome = Outcome::Response(sample_response());
+    let outcome = Outcome::Response(sample_response().encode());
     assert!(matches!(
         store.complete(key, token, outcome, TTL).await,
         Err(StoreError::LockLost)
@@ -110,7 +110,12 @@ pub async fn completed_key_replays_the_stored_response(store: &impl Store) {
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
     store
-        .complete(&key, token, Outcome::Response(sample_response()), TTL)
+        .complete(
+            &key,
+            token,
+            Outcome::Response(sample_response().encode()),
+            TTL,
+        )
         .await
         .expect("complete by the holder");
     match begin(store, &key, 1).await {
@@ -125,7 +130,7 @@ pub async fn empty_response_round_trips(store: &impl Store) {
     let token = acquire(store, &key, 1, LEASE).await;
     let empty = StoredResponse::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new(), None);
     store
-        .complete(&key, token, Outcome::Response(empty.clone()), TTL)
+        .complete(&key, token, Outcome::Response(empty.encode()), TTL)
         .await
         .expect("complete by the holder");
     match begin(store, &key, 1).await {
@@ -139,7 +144,12 @@ pub async fn completed_key_with_other_fingerprint_is_mismatch(store: &impl Store
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
     store
-        .complete(&key, token, Outcome::Response(sample_response()), TTL)
+        .complete(
+            &key,
+            token,
+            Outcome::Response(sample_response().encode()),
+            TTL,
+        )
         .await
         .expect("complete by the holder");
     assert!(matches!(begin(store, &key, 2).await, Begin::Mismatch));
@@ -180,7 +190,12 @@ pub async fn completed_key_cannot_be_released(store: &impl Store) {
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
     store
-        .complete(&key, token, Outcome::Response(sample_response()), TTL)
+        .complete(
+            &key,
+            token,
+            Outcome::Response(sample_response().encode()),
+            TTL,
+        )
         .await
         .expect("complete by the holder");
     assert!(matches!(
@@ -201,7 +216,12 @@ pub async fn expired_lease_is_taken_over_and_fences_the_old_holder(store: &impl 
     assert_fenced(store, &key, old).await;
     assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
     store
-        .complete(&key, new, Outcome::Response(sample_response()), TTL)
+        .complete(
+            &key,
+            new,
+            Outcome::Response(sample_response().encode()),
+            TTL,
+        )
         .await
         .expect("the new holder completes");
 }
@@ -225,7 +245,12 @@ pub async fn completed_key_expires_after_its_ttl(store: &impl Store) {
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
     store
-        .complete(&key, token, Outcome::Response(sample_response()), SHORT)
+        .complete(
+            &key,
+            token,
+            Outcome::Response(sample_response().encode()),
+            SHORT,
+        )
         .await
         .expect("complete by the holder");
     assert!(matches!(begin(store, &key, 1).await, Begin::Completed(_)));
@@ -286,7 +311,12 @@ pub async fn concurrent_readers_see_whole_records<S: Store + Clone>(store: &S) {
         })
         .collect();
     store
-        .complete(&key, token, Outcome::Response(sample_response()), TTL)
+        .complete(
+            &key,
+            token,
+            Outcome::Response(sample_response().encode()),
+            TTL,
+        )
         .await
         .expect("complete by the holder");
     for reader in readers {

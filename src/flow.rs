@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use dashmap::DashMap;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
@@ -28,7 +28,10 @@ use crate::{
     metrics::{Decision, Metrics},
     policy::{ClientDisconnect, InFlightPolicy, StoreFailure},
     problem::{self, ProblemKind},
-    store::{Begin, BoxError, LockToken, Outcome, StoreError, StoredResponse},
+    store::{
+        encode_chunks, encode_parts, Begin, BoxError, LockToken, Outcome, StoreError,
+        StoredResponse,
+    },
 };
 
 /// What every clone of one service shares: its settings, counters and the
@@ -401,8 +404,8 @@ where
 }
 
 /// Releases the key for a response the keep policy refuses; otherwise
-/// returns the response with a body that is captured as it streams and
-/// stored when it ends.
+/// stores the response, before returning it if its body is already whole,
+/// or as it streams.
 async fn respond<B>(
     response: Response<B>,
     lock: LockGuard,
@@ -419,11 +422,51 @@ where
         lock.release().await;
         return Response::from_parts(head, ResponseBody::inner(body));
     }
-    let capture = Capture::new(head.status, head.headers.clone(), config.response_limit);
-    let mut state = CaptureState::new(body, capture, lock, detach);
+    let mut body = Box::pin(body);
+    let mut first = None;
     // Most handlers answer with a body that is already whole. Then the
     // record is stored before the client sees the response, so a retry can
-    // never overtake it; a body still being produced streams instead.
+    // never overtake it, and the response goes out as it was stored.
+    let early = std::future::poll_fn(|cx| loop {
+        if first.is_some() && body.is_end_stream() {
+            return Poll::Ready(Early::Whole);
+        }
+        return Poll::Ready(match body.as_mut().poll_frame(cx) {
+            Poll::Ready(None) => Early::Whole,
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
+                if first.is_none() && frame.is_data() {
+                    first = Some(frame);
+                    continue;
+                }
+                Early::More(frame)
+            }
+            Poll::Ready(Some(Err(err))) => Early::Failed(err.into()),
+            Poll::Pending => Early::Pending,
+        });
+    })
+    .await;
+    if let Early::Whole = early {
+        let data = first
+            .and_then(|frame| frame.into_data().ok())
+            .unwrap_or_default();
+        let outcome = if data.len() > config.response_limit {
+            Outcome::NotReplayable
+        } else {
+            Outcome::Response(encode_parts(head.status, &head.headers, &data, None))
+        };
+        Settling::new(lock.complete(outcome)).await;
+        return Response::from_parts(head, ResponseBody::full(data, None));
+    }
+    // A body still being produced is captured as it streams.
+    let capture = Capture::new(head.status, head.headers.clone(), config.response_limit);
+    let mut state = CaptureState::new(body, capture, lock, detach);
+    state.accept(first);
+    match early {
+        Early::More(frame) => state.accept(Some(frame)),
+        Early::Failed(err) => state.fail(err),
+        Early::Whole | Early::Pending => {}
+    }
     let ended = std::future::poll_fn(|cx| loop {
         match state.poll_body(cx) {
             Poll::Ready(Some(frame)) => state.ready.push_back(frame),
@@ -436,6 +479,54 @@ where
         std::future::poll_fn(|cx| state.poll_settling(cx)).await;
     }
     Response::from_parts(head, ResponseBody::capturing(state))
+}
+
+/// What a response body had ready when the handler answered.
+enum Early {
+    /// At most one data frame, and the end.
+    Whole,
+    /// A frame beyond the first data frame, or trailers.
+    More(Frame<Bytes>),
+    /// The body failed.
+    Failed(BoxError),
+    /// The rest is still being produced.
+    Pending,
+}
+
+/// A completion or release under way. Dropped before it finishes, it
+/// finishes in a task: once started, it must land even if nobody waits.
+struct Settling {
+    future: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+}
+
+impl Settling {
+    fn new(future: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self {
+            future: Some(Box::pin(future)),
+        }
+    }
+}
+
+impl Future for Settling {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(future) = self.future.as_mut() {
+            ready!(future.as_mut().poll(cx));
+            self.future = None;
+        }
+        Poll::Ready(())
+    }
+}
+
+impl Drop for Settling {
+    fn drop(&mut self) {
+        if let (Some(future), Ok(handle)) =
+            (self.future.take(), tokio::runtime::Handle::try_current())
+        {
+            handle.spawn(future);
+        }
+    }
 }
 
 /// The inner service's future for a held key, until it yields the response
@@ -505,7 +596,7 @@ pub(crate) struct CaptureState<B> {
     ready: VecDeque<Frame<Bytes>>,
     capture: Option<Capture>,
     lock: Option<LockGuard>,
-    settling: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    settling: Option<Settling>,
     error: Option<BoxError>,
     detach: bool,
     /// Made where the bounds are known, since `Drop` cannot ask for them.
@@ -533,14 +624,14 @@ where
 }
 
 impl<B> CaptureState<B> {
-    fn new(body: B, capture: Capture, lock: LockGuard, detach: bool) -> Self
+    fn new(body: Pin<Box<B>>, capture: Capture, lock: LockGuard, detach: bool) -> Self
     where
         B: Body + Send + 'static,
         B::Data: Send,
         B::Error: Into<BoxError>,
     {
         Self {
-            body: Some(Box::pin(body)),
+            body: Some(body),
             ready: VecDeque::new(),
             capture: Some(capture),
             lock: Some(lock),
@@ -622,17 +713,13 @@ where
                 Poll::Ready(Some(frame))
             }
             Some(Err(err)) => {
-                self.body = None;
-                self.error = Some(err.into());
-                if let Some(lock) = self.lock.take() {
-                    self.settling = Some(Box::pin(lock.release()));
-                }
+                self.fail(err.into());
                 Poll::Ready(None)
             }
             None => {
                 self.body = None;
                 if let (Some(lock), Some(capture)) = (self.lock.take(), self.capture.take()) {
-                    self.settling = Some(Box::pin(lock.complete(capture.finish())));
+                    self.settling = Some(Settling::new(lock.complete(capture.finish())));
                 }
                 Poll::Ready(None)
             }
@@ -641,10 +728,31 @@ where
 }
 
 impl<B> CaptureState<B> {
+    /// Captures a frame read before this state existed, to be sent next.
+    fn accept(&mut self, frame: Option<Frame<Bytes>>) {
+        if let Some(frame) = frame {
+            if let Some(capture) = self.capture.as_mut() {
+                capture.record(&frame);
+            }
+            self.ready.push_back(frame);
+        }
+    }
+
+    /// The body failed: the key is released and the client gets the error.
+    fn fail(&mut self, err: BoxError) {
+        self.body = None;
+        self.error = Some(err);
+        if let Some(lock) = self.lock.take() {
+            self.settling = Some(Settling::new(lock.release()));
+        }
+    }
+}
+
+impl<B> CaptureState<B> {
     /// Drives the completion or release under way, if any.
     fn poll_settling(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if let Some(settling) = self.settling.as_mut() {
-            ready!(settling.as_mut().poll(cx));
+            ready!(Pin::new(settling).poll(cx));
             self.settling = None;
         }
         Poll::Ready(())
@@ -653,14 +761,13 @@ impl<B> CaptureState<B> {
 
 impl<B> Drop for CaptureState<B> {
     fn drop(&mut self) {
+        // A completion or release under way lands on its own when dropped.
+        if self.settling.is_some() {
+            return;
+        }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        // A completion or release under way must land even if nobody waits.
-        if let Some(settling) = self.settling.take() {
-            handle.spawn(settling);
-            return;
-        }
         if !self.detach || std::thread::panicking() {
             return;
         }
@@ -729,22 +836,11 @@ impl Capture {
         if self.overflowed {
             return Outcome::NotReplayable;
         }
-        let body = match self.chunks.len() {
-            0 => Bytes::new(),
-            1 => self.chunks.into_iter().next().unwrap_or_default(),
-            _ => {
-                let mut joined = BytesMut::with_capacity(self.len);
-                for chunk in &self.chunks {
-                    joined.extend_from_slice(chunk);
-                }
-                joined.freeze()
-            }
-        };
-        Outcome::Response(StoredResponse::new(
+        Outcome::Response(encode_chunks(
             self.status,
-            self.headers,
-            body,
-            self.trailers,
+            &self.headers,
+            &self.chunks,
+            self.trailers.as_ref(),
         ))
     }
 }

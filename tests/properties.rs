@@ -215,7 +215,7 @@ proptest! {
                     }
                     Op::Complete { key, holder, replayable } => {
                         let Some(token) = pick(&tokens, key, holder) else { continue };
-                        let outcome = if replayable { Outcome::Response(response.clone()) } else { Outcome::NotReplayable };
+                        let outcome = if replayable { Outcome::Response(response.encode()) } else { Outcome::NotReplayable };
                         let got = store.complete(&record_key(key), token, outcome, Duration::from_millis(TTL)).await;
                         let holds = holds(&model, key, token);
                         assert_eq!(got.is_ok(), holds, "complete({key}) at {now}: {got:?}");

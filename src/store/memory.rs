@@ -307,8 +307,7 @@ impl Store for MemoryStore {
         let mut entry = self.held(key, token)?;
         entry.expires_at = self.inner.now() + millis(ttl);
         entry.state = match outcome {
-            Outcome::Response(response) => {
-                let record = response.encode();
+            Outcome::Response(record) => {
                 let size = record.len();
                 if self.inner.reserve_bytes(size) {
                     State::Completed(record)

@@ -20,6 +20,7 @@
 use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use bytes::Bytes;
 
 use crate::key::{Fingerprint, RecordKey};
 
@@ -32,7 +33,8 @@ mod postgres;
 mod redis;
 
 pub use memory::{MemoryLimits, MemoryStore};
-pub use record::{DecodeError, StoredResponse};
+pub(crate) use record::encode_chunks;
+pub use record::{encode_parts, DecodeError, StoredResponse};
 
 #[cfg(feature = "postgres")]
 pub use postgres::PostgresStore;
@@ -61,14 +63,13 @@ pub enum Begin {
 }
 
 /// What [`Store::complete`] records for a key.
-// Moved once per request into the store; boxing the response would only add
-// an allocation.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum Outcome {
-    /// The response to replay.
-    Response(StoredResponse),
+    /// The response to replay, encoded as [`StoredResponse::encode`] and
+    /// [`encode_parts`] write it: keep the bytes as they are and read them
+    /// back with [`StoredResponse::decode`].
+    Response(Bytes),
     /// The request ran, but its response cannot be replayed.
     NotReplayable,
 }

@@ -297,12 +297,16 @@ impl Store for PostgresStore {
             .bind(&key.as_bytes()[..])
             .bind(&token[..]);
         let query = match outcome {
-            Outcome::Response(response) => query
-                .bind(COMPLETED)
-                .bind(response.status.as_u16() as i16)
-                .bind(encode_headers(&response.headers))
-                .bind(response.trailers.as_ref().map(encode_headers))
-                .bind(response.body.to_vec()),
+            Outcome::Response(record) => {
+                // Kept in columns, for operators reading the table.
+                let response = StoredResponse::decode(record)?;
+                query
+                    .bind(COMPLETED)
+                    .bind(response.status.as_u16() as i16)
+                    .bind(encode_headers(&response.headers))
+                    .bind(response.trailers.as_ref().map(encode_headers))
+                    .bind(response.body.to_vec())
+            }
             Outcome::NotReplayable => query
                 .bind(NOT_REPLAYABLE)
                 .bind(None::<i16>)

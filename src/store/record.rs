@@ -39,20 +39,12 @@ impl StoredResponse {
         body: Bytes,
         trailers: Option<HeaderMap>,
     ) -> Self {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
-            .collect();
+        let dropped = Dropped::of(&headers);
         // Most responses carry none of these but `content-length`: find the
         // few present in one pass rather than hashing every name to remove.
         let present: Vec<HeaderName> = headers
             .keys()
-            .filter(|name| {
-                NOT_STORED.contains(name) || named.contains(name) || *name == "proxy-connection"
-            })
+            .filter(|name| dropped.contains(name))
             .cloned()
             .collect();
         for name in present {
@@ -66,40 +58,15 @@ impl StoredResponse {
         }
     }
 
-    /// The exact length of [`encode`](Self::encode)'s output.
-    pub fn encoded_len(&self) -> usize {
-        fn map_len(map: &HeaderMap) -> usize {
-            4 + map
-                .iter()
-                .map(|(name, value)| 8 + name.as_str().len() + value.len())
-                .sum::<usize>()
-        }
-        MAGIC.len()
-            + 2
-            + map_len(&self.headers)
-            + 1
-            + self.trailers.as_ref().map_or(0, map_len)
-            + 8
-            + self.body.len()
-    }
-
     /// Encodes the record into a self-describing byte string, for stores that
     /// keep bytes, in one allocation of exactly its length.
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(self.encoded_len());
-        out.put_slice(MAGIC);
-        out.put_u16(self.status.as_u16());
-        put_map(&mut out, &self.headers);
-        match &self.trailers {
-            Some(trailers) => {
-                out.put_u8(1);
-                put_map(&mut out, trailers);
-            }
-            None => out.put_u8(0),
-        }
-        out.put_u64(self.body.len() as u64);
-        out.put_slice(&self.body);
-        out.freeze()
+        encode_parts(
+            self.status,
+            &self.headers,
+            &self.body,
+            self.trailers.as_ref(),
+        )
     }
 
     /// Decodes what [`StoredResponse::encode`] wrote. The body shares `bytes`.
@@ -129,6 +96,82 @@ impl StoredResponse {
     }
 }
 
+/// The headers a record leaves out: the hop-by-hop ones, those the
+/// `Connection` header names, and `content-length`.
+struct Dropped {
+    named: Vec<HeaderName>,
+}
+
+impl Dropped {
+    fn of(headers: &HeaderMap) -> Self {
+        let named = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::try_from(name.trim()).ok())
+            .collect();
+        Self { named }
+    }
+
+    fn contains(&self, name: &HeaderName) -> bool {
+        NOT_STORED.contains(name) || self.named.contains(name) || *name == "proxy-connection"
+    }
+}
+
+/// Encodes a response as [`StoredResponse::new`] followed by
+/// [`StoredResponse::encode`] would, straight from the response's own
+/// parts: the layer stores a response this way without copying its header
+/// map, and copies the body once, into the record.
+pub fn encode_parts(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    trailers: Option<&HeaderMap>,
+) -> Bytes {
+    encode_chunks(status, headers, &[body], trailers)
+}
+
+/// [`encode_parts`] for a body captured in chunks, joined as they are
+/// copied into the record.
+pub(crate) fn encode_chunks<C: AsRef<[u8]>>(
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[C],
+    trailers: Option<&HeaderMap>,
+) -> Bytes {
+    let body_len: usize = body.iter().map(|chunk| chunk.as_ref().len()).sum();
+    let dropped = Dropped::of(headers);
+    let kept = || headers.iter().filter(|(name, _)| !dropped.contains(name));
+    let (count, header_bytes) = kept().fold((0, 0), |(count, len), (name, value)| {
+        (count + 1, len + 8 + name.as_str().len() + value.len())
+    });
+    let trailer_bytes = trailers.map_or(0, |map| {
+        4 + map
+            .iter()
+            .map(|(name, value)| 8 + name.as_str().len() + value.len())
+            .sum::<usize>()
+    });
+    let len = MAGIC.len() + 2 + 4 + header_bytes + 1 + trailer_bytes + 8 + body_len;
+    let mut out = BytesMut::with_capacity(len);
+    out.put_slice(MAGIC);
+    out.put_u16(status.as_u16());
+    put_fields(&mut out, count, kept());
+    match trailers {
+        Some(trailers) => {
+            out.put_u8(1);
+            put_fields(&mut out, trailers.len(), trailers.iter());
+        }
+        None => out.put_u8(0),
+    }
+    out.put_u64(body_len as u64);
+    for chunk in body {
+        out.put_slice(chunk.as_ref());
+    }
+    debug_assert_eq!(out.len(), len);
+    out.freeze()
+}
+
 /// Encodes a header map on its own, for stores that keep columns.
 #[cfg(feature = "postgres")]
 pub(crate) fn encode_headers(map: &HeaderMap) -> Vec<u8> {
@@ -155,9 +198,18 @@ pub struct DecodeError(pub(crate) &'static str);
 
 const MAGIC: &[u8] = b"TIR1";
 
+#[cfg(feature = "postgres")]
 fn put_map(out: &mut BytesMut, map: &HeaderMap) {
-    out.put_u32(map.len() as u32);
-    for (name, value) in map {
+    put_fields(out, map.len(), map.iter());
+}
+
+fn put_fields<'a>(
+    out: &mut BytesMut,
+    count: usize,
+    fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) {
+    out.put_u32(count as u32);
+    for (name, value) in fields {
         out.put_u32(name.as_str().len() as u32);
         out.put_slice(name.as_str().as_bytes());
         out.put_u32(value.len() as u32);
@@ -244,9 +296,17 @@ mod tests {
     }
 
     #[test]
-    fn encoded_len_is_exact() {
-        let record = sample();
-        assert_eq!(record.encode().len(), record.encoded_len());
+    fn encoding_from_parts_drops_what_a_record_drops() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("x-private"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("2"));
+        headers.insert("x-kept", HeaderValue::from_static("yes"));
+        let body = Bytes::from_static(b"ok");
+        let encoded = encode_parts(StatusCode::OK, &headers, &body, None);
+        let record = StoredResponse::new(StatusCode::OK, headers, body, None);
+        assert_eq!(encoded, record.encode());
+        assert_eq!(StoredResponse::decode(encoded), Ok(record));
     }
 
     #[test]

@@ -196,7 +196,7 @@ impl Store for RedisStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let (state, record) = match outcome {
-            Outcome::Response(response) => ("c", response.encode()),
+            Outcome::Response(record) => ("c", record),
             Outcome::NotReplayable => ("n", Bytes::new()),
         };
         self.held(&self.scripts.complete, key, |script| {
