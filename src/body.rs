@@ -2,11 +2,12 @@
 
 use std::{
     fmt,
+    future::Future,
     pin::Pin,
     task::{ready, Context, Poll},
 };
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -203,4 +204,55 @@ where
         Some(Err(err)) => Some(Err(err.into())),
         None => None,
     })
+}
+
+pin_project! {
+    /// Reads a request body whole: a body that arrives in one chunk is kept
+    /// as that chunk, one in several is joined once.
+    pub(crate) struct Buffer<B> {
+        #[pin]
+        body: B,
+        first: Option<Bytes>,
+        joined: BytesMut,
+    }
+}
+
+impl<B> Buffer<B> {
+    pub(crate) fn new(body: B) -> Self {
+        Self {
+            body,
+            first: None,
+            joined: BytesMut::new(),
+        }
+    }
+}
+
+impl<B: Body> Future for Buffer<B> {
+    type Output = Result<Bytes, B::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        while let Some(frame) = ready!(this.body.as_mut().poll_frame(cx)?) {
+            // Request trailers are not part of what is fingerprinted or
+            // passed on.
+            let Ok(mut data) = frame.into_data() else {
+                continue;
+            };
+            match this.first.take() {
+                None if this.joined.is_empty() => {
+                    *this.first = Some(data.copy_to_bytes(data.remaining()));
+                }
+                first => {
+                    if let Some(first) = first {
+                        this.joined.put(first);
+                    }
+                    this.joined.put(data);
+                }
+            }
+        }
+        Poll::Ready(Ok(match this.first.take() {
+            Some(first) => first,
+            None => std::mem::take(this.joined).freeze(),
+        }))
+    }
 }

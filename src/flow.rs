@@ -22,7 +22,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::{
-    body::{RequestBody, ResponseBody},
+    body::{Buffer, RequestBody, ResponseBody},
     key::{Fingerprint, RecordKey, IDEMPOTENT_REPLAYED},
     layer::Config,
     metrics::{Decision, Metrics},
@@ -240,7 +240,7 @@ pub(crate) async fn run<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     mut inner: S,
     req: Request<ReqBody>,
-    key: String,
+    record: RecordKey,
 ) -> Answer<ResBody, S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -256,16 +256,16 @@ where
     let config = &shared.config;
     let (parts, body) = req.into_parts();
     let collected = {
-        let mut collect = std::pin::pin!(Limited::new(body, config.body_limit).collect());
+        let mut buffer = std::pin::pin!(Buffer::new(Limited::new(body, config.body_limit)));
         // Most bodies have fully arrived by now: only a body still in
         // transit pays for a timer.
-        match std::future::poll_fn(|cx| Poll::Ready(collect.as_mut().poll(cx))).await {
+        match std::future::poll_fn(|cx| Poll::Ready(buffer.as_mut().poll(cx))).await {
             Poll::Ready(collected) => Ok(collected),
-            Poll::Pending => Box::pin(tokio::time::timeout(config.body_timeout, collect)).await,
+            Poll::Pending => Box::pin(tokio::time::timeout(config.body_timeout, buffer)).await,
         }
     };
     let body = match collected {
-        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Ok(body)) => body,
         Ok(Err(err)) if err.is::<LengthLimitError>() => {
             shared.metrics.record(Decision::Rejected);
             return Ok(shared.problem(ProblemKind::BodyTooLarge));
@@ -280,7 +280,6 @@ where
             return Ok(shared.problem(ProblemKind::BodyTimeout));
         }
     };
-    let record = RecordKey::new(&config.scope_of(&parts), &key);
     let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
     let req = Request::from_parts(parts, RequestBody::buffered(body));
 
@@ -298,9 +297,7 @@ where
             Ok(Begin::Acquired(token)) => {
                 shared.metrics.record(Decision::Executed);
                 let lock = LockGuard::new(Arc::clone(&shared), record, token);
-                // Boxed, so that replays and conflicts do not carry the
-                // state of a first use in their own future.
-                return Box::pin(first_use(&mut inner, req, lock)).await;
+                return first_use(&mut inner, req, lock).await;
             }
             Ok(Begin::Completed(stored)) => {
                 shared.metrics.record(Decision::Replayed);

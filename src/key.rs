@@ -1,6 +1,6 @@
 //! The `Idempotency-Key` header, the record key and the request fingerprint.
 
-use std::fmt;
+use std::{borrow::Cow, fmt};
 
 use http::{request, HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
@@ -54,6 +54,11 @@ pub enum KeyError {
 /// assert_eq!(parse_key(&headers), Err(KeyError::Empty));
 /// ```
 pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, KeyError> {
+    key_in(headers).map(|key| key.map(Cow::into_owned))
+}
+
+/// [`parse_key`] without a copy of a bare key.
+pub(crate) fn key_in(headers: &HeaderMap) -> Result<Option<Cow<'_, str>>, KeyError> {
     let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -64,15 +69,15 @@ pub fn parse_key(headers: &HeaderMap) -> Result<Option<String>, KeyError> {
     parse_value(value).map(Some)
 }
 
-fn parse_value(value: &HeaderValue) -> Result<String, KeyError> {
+fn parse_value(value: &HeaderValue) -> Result<Cow<'_, str>, KeyError> {
     let raw = trim_ows(value.as_bytes());
     let key = match raw {
-        [b'"', ..] => unquote(raw)?,
+        [b'"', ..] => Cow::Owned(unquote(raw)?),
         _ => {
             if !raw.iter().all(|b| (0x21..=0x7e).contains(b)) {
                 return Err(KeyError::InvalidCharacter);
             }
-            String::from_utf8(raw.to_vec()).map_err(|_| KeyError::InvalidCharacter)?
+            Cow::Borrowed(std::str::from_utf8(raw).map_err(|_| KeyError::InvalidCharacter)?)
         }
     };
     if key.is_empty() {

@@ -13,7 +13,7 @@ use crate::{
     body::{RequestBody, ResponseBody},
     flow::{self, Shared},
     future::ResponseFuture,
-    key::parse_key,
+    key::{key_in, RecordKey},
     metrics::Decision,
     problem::{ProblemKind, KEY_RULES},
     store::BoxError,
@@ -91,9 +91,12 @@ where
         if !config.methods.contains(req.method()) {
             return self.pass_through(req);
         }
-        let key = match parse_key(req.headers()) {
-            Ok(Some(key)) => key,
-            Ok(None) if !config.key_required => return self.pass_through(req),
+        let (parts, body) = req.into_parts();
+        let record = match key_in(&parts.headers) {
+            Ok(Some(key)) => RecordKey::new(&config.scope_of(&parts), &key),
+            Ok(None) if !config.key_required => {
+                return self.pass_through(Request::from_parts(parts, body))
+            }
             Ok(None) => {
                 shared.metrics.record(Decision::Rejected);
                 return ResponseFuture::ready(shared.problem(ProblemKind::MissingKey));
@@ -106,6 +109,7 @@ where
                 );
             }
         };
+        let req = Request::from_parts(parts, body);
         if declared_length(&req).is_some_and(|len| len > config.body_limit as u64) {
             shared.metrics.record(Decision::Rejected);
             return ResponseFuture::ready(shared.problem(ProblemKind::BodyTooLarge));
@@ -118,7 +122,7 @@ where
         let clone = self.inner.clone();
         let inner = mem::replace(&mut self.inner, clone);
         ResponseFuture::keyed(Box::pin(
-            flow::run(Arc::clone(shared), inner, req, key).instrument(span),
+            flow::run(Arc::clone(shared), inner, req, record).instrument(span),
         ))
     }
 }
