@@ -104,10 +104,12 @@ struct Dropped {
 
 impl Dropped {
     fn of(headers: &HeaderMap) -> Self {
+        // A walk over the few headers a response has is cheaper than
+        // hashing `connection` to look it up.
         let named = headers
-            .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
+            .filter(|(name, _)| *name == header::CONNECTION)
+            .filter_map(|(_, v)| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .filter_map(|name| HeaderName::try_from(name.trim()).ok())
             .collect();
