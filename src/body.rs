@@ -131,11 +131,9 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    pub(crate) fn capturing(state: CaptureState<B>) -> Self {
+    pub(crate) fn capturing(state: Box<CaptureState<B>>) -> Self {
         Self {
-            kind: ResponseKind::Capturing {
-                state: Box::new(state),
-            },
+            kind: ResponseKind::Capturing { state },
         }
     }
 }

@@ -457,7 +457,7 @@ where
     }
     // A body still being produced is captured as it streams.
     let capture = Capture::new(head.status, head.headers.clone(), config.response_limit);
-    let mut state = CaptureState::new(body, capture, lock, detach);
+    let mut state = Box::new(CaptureState::new(body, capture, lock, detach));
     state.accept(first);
     match early {
         Early::More(frame) => state.accept(Some(frame)),
@@ -615,7 +615,7 @@ where
         match rest.poll_frame(&mut cx) {
             Poll::Ready(Some(_)) => {}
             Poll::Ready(None) => return None,
-            Poll::Pending => return Some(Box::pin(drain(ResponseBody::capturing(rest)))),
+            Poll::Pending => return Some(Box::pin(drain(ResponseBody::capturing(Box::new(rest))))),
         }
     }
 }
