@@ -297,7 +297,7 @@ where
             Ok(Begin::Acquired(token)) => {
                 shared.metrics.record(Decision::Executed);
                 let lock = LockGuard::new(Arc::clone(&shared), record, token);
-                return first_use(&mut inner, req, lock).await;
+                return first_use(Box::pin(inner.call(req)), lock).await;
             }
             Ok(Begin::Completed(stored)) => {
                 shared.metrics.record(Decision::Replayed);
@@ -349,29 +349,25 @@ fn replay<B>(stored: Arc<StoredResponse>) -> Response<ResponseBody<B>> {
     response
 }
 
-/// Runs the inner service for a held key. The work runs inside the
-/// caller's own future and response body; only if the client goes away
+/// Drives the inner service's call for a held key, boxed by the caller so
+/// that neither it nor the request is carried in this future's state. The
+/// work runs inside the caller's own future and response body; only if the client goes away
 /// before the response is stored does the rest move to a task of its own
 /// (or, with [`ClientDisconnect::Cancel`], get dropped and the key released).
-async fn first_use<S, ReqBody, ResBody>(
-    inner: &mut S,
-    req: Request<RequestBody<ReqBody>>,
-    lock: LockGuard,
-) -> Answer<ResBody, S::Error>
+async fn first_use<F, ResBody, E>(call: Pin<Box<F>>, lock: LockGuard) -> Answer<ResBody, E>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
+    F: Future<Output = Result<Response<ResBody>, E>> + Send + 'static,
+    E: Send + 'static,
     ResBody: Body + Send + 'static,
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
     let detach = lock.shared.config.on_disconnect == ClientDisconnect::Detach;
     let mut pending = PendingCall {
-        call: Some(Box::pin(inner.call(req))),
+        call: Some(call),
         lock: Some(lock),
         detach,
-        finish: finish_call::<S::Future, ResBody, S::Error>,
+        finish: finish_call::<F, ResBody, E>,
     };
     let result = std::future::poll_fn(|cx| match pending.call.as_mut() {
         Some(call) => {
@@ -392,22 +388,30 @@ where
         .take()
         .expect("the lock stays until the call is done");
     match result {
-        Ok(response) => Ok(respond(response, lock, detach).await),
+        Ok(response) => {
+            let (response, settling) = respond(response, lock, detach);
+            if let Some(settling) = settling {
+                settling.await;
+            }
+            Ok(response)
+        }
         Err(err) => {
-            lock.release().await;
+            Settling::new(lock.release()).await;
             Err(err)
         }
     }
 }
 
 /// Releases the key for a response the keep policy refuses; otherwise
-/// stores the response, before returning it if its body is already whole,
-/// or as it streams.
-async fn respond<B>(
+/// stores the response: at once if its body is already whole, or as it
+/// streams. The release or completion under way comes back with the
+/// response, to be awaited before the response is returned, so that no
+/// retry can overtake it.
+fn respond<B>(
     response: Response<B>,
     lock: LockGuard,
     detach: bool,
-) -> Response<ResponseBody<B>>
+) -> (Response<ResponseBody<B>>, Option<Settling>)
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -416,66 +420,71 @@ where
     let (head, body) = response.into_parts();
     let config = &lock.shared.config;
     if !config.keep.keeps(&head) {
-        lock.release().await;
-        return Response::from_parts(head, ResponseBody::inner(body));
+        let release = Settling::new(lock.release());
+        return (
+            Response::from_parts(head, ResponseBody::inner(body)),
+            Some(release),
+        );
     }
     let mut body = Box::pin(body);
+    // What the body has ready now. A body not ready is polled again by the
+    // client, which registers its own waker then.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
     let mut first = None;
-    // Most handlers answer with a body that is already whole. Then the
-    // record is stored before the client sees the response, so a retry can
-    // never overtake it, and the response goes out as it was stored.
-    let early = std::future::poll_fn(|cx| loop {
+    let early = loop {
         if first.is_some() && body.is_end_stream() {
-            return Poll::Ready(Early::Whole);
+            break Early::Whole;
         }
-        return Poll::Ready(match body.as_mut().poll_frame(cx) {
+        break match body.as_mut().poll_frame(&mut cx) {
             Poll::Ready(None) => Early::Whole,
             Poll::Ready(Some(Ok(frame))) => {
                 let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
-                if first.is_none() && frame.is_data() {
-                    first = Some(frame);
-                    continue;
+                match frame.into_data() {
+                    Ok(data) if first.is_none() => {
+                        first = Some(data);
+                        continue;
+                    }
+                    Ok(data) => Early::More(Frame::data(data)),
+                    Err(trailers) => Early::More(trailers),
                 }
-                Early::More(frame)
             }
             Poll::Ready(Some(Err(err))) => Early::Failed(err.into()),
             Poll::Pending => Early::Pending,
-        });
-    })
-    .await;
+        };
+    };
+    // Most handlers answer with a body that is already whole: it is stored
+    // as it is and goes out as it was stored.
     if let Early::Whole = early {
-        let data = first
-            .and_then(|frame| frame.into_data().ok())
-            .unwrap_or_default();
+        let data = first.unwrap_or_default();
         let outcome = if data.len() > config.response_limit {
             Outcome::NotReplayable
         } else {
             Outcome::Response(encode_parts(head.status, &head.headers, &data, None))
         };
-        Settling::new(lock.complete(outcome)).await;
-        return Response::from_parts(head, ResponseBody::full(data, None));
+        let completion = Settling::new(lock.complete(outcome));
+        return (
+            Response::from_parts(head, ResponseBody::full(data, None)),
+            Some(completion),
+        );
     }
     // A body still being produced is captured as it streams.
     let capture = Capture::new(head.status, head.headers.clone(), config.response_limit);
     let mut state = Box::new(CaptureState::new(body, capture, lock, detach));
-    state.accept(first);
+    state.accept(first.map(Frame::data));
     match early {
         Early::More(frame) => state.accept(Some(frame)),
         Early::Failed(err) => state.fail(err),
         Early::Whole | Early::Pending => {}
     }
-    let ended = std::future::poll_fn(|cx| loop {
-        match state.poll_body(cx) {
-            Poll::Ready(Some(frame)) => state.ready.push_back(frame),
-            Poll::Ready(None) => return Poll::Ready(true),
-            Poll::Pending => return Poll::Ready(false),
-        }
-    })
-    .await;
-    if ended {
-        std::future::poll_fn(|cx| state.poll_settling(cx)).await;
+    while let Poll::Ready(Some(frame)) = state.poll_body(&mut cx) {
+        state.ready.push_back(frame);
     }
-    Response::from_parts(head, ResponseBody::capturing(state))
+    // A body that ended here settles before the response is returned.
+    let settling = state.settling.take();
+    (
+        Response::from_parts(head, ResponseBody::capturing(state)),
+        settling,
+    )
 }
 
 /// What a response body had ready when the handler answered.
@@ -552,7 +561,13 @@ where
     lock.keep_alive();
     Box::pin(async move {
         match call.await {
-            Ok(response) => drain(respond(response, lock, false).await.into_body()).await,
+            Ok(response) => {
+                let (response, settling) = respond(response, lock, false);
+                if let Some(settling) = settling {
+                    settling.await;
+                }
+                drain(response.into_body()).await;
+            }
             Err(_) => lock.release().await,
         }
     })
