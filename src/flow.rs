@@ -527,10 +527,10 @@ impl Future for Settling {
 
 impl Drop for Settling {
     fn drop(&mut self) {
-        if let (Some(future), Ok(handle)) =
-            (self.future.take(), tokio::runtime::Handle::try_current())
-        {
-            handle.spawn(future);
+        if let Some(future) = self.future.take() {
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(future);
+            }
         }
     }
 }
