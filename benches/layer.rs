@@ -118,47 +118,43 @@ fn paths(c: &mut Criterion) {
                 )
             })
         });
+        // A 409 needs a key in flight: the first request's handler never ends.
+        group.bench_function("conflict_409", |b| {
+            b.iter_custom(|n| {
+                rt.block_on(async {
+                    let holding = std::sync::Arc::new(tokio::sync::Notify::new());
+                    let signal = std::sync::Arc::clone(&holding);
+                    let stuck = tower::service_fn(move |req: Request<_>| {
+                        let signal = std::sync::Arc::clone(&signal);
+                        async move {
+                            if req.uri().path() == "/hang" {
+                                signal.notify_one();
+                                std::future::pending::<()>().await;
+                            }
+                            handler(req).await
+                        }
+                    });
+                    let svc = layer().layer(stuck);
+                    let mut hang = request(Some("k"), &body);
+                    *hang.uri_mut() = "/hang".parse().unwrap();
+                    let holder = tokio::spawn(svc.clone().oneshot(hang));
+                    holding.notified().await;
+                    let start = Instant::now();
+                    for _ in 0..n {
+                        let mut req = request(Some("k"), &body);
+                        *req.uri_mut() = "/hang".parse().unwrap();
+                        let response = svc.clone().oneshot(req).await.unwrap();
+                        assert_eq!(response.status(), StatusCode::CONFLICT);
+                        drain(response).await;
+                    }
+                    let elapsed = start.elapsed();
+                    holder.abort();
+                    elapsed
+                })
+            })
+        });
         group.finish();
     }
-
-    // A 409 needs a key in flight: the first request's handler never ends.
-    let mut group = c.benchmark_group("layer/1KiB");
-    let body = Bytes::from(vec![b'x'; 1024]);
-    group.bench_function("conflict_409", |b| {
-        b.iter_custom(|n| {
-            rt.block_on(async {
-                let holding = std::sync::Arc::new(tokio::sync::Notify::new());
-                let signal = std::sync::Arc::clone(&holding);
-                let stuck = tower::service_fn(move |req: Request<_>| {
-                    let signal = std::sync::Arc::clone(&signal);
-                    async move {
-                        if req.uri().path() == "/hang" {
-                            signal.notify_one();
-                            std::future::pending::<()>().await;
-                        }
-                        handler(req).await
-                    }
-                });
-                let svc = layer().layer(stuck);
-                let mut hang = request(Some("k"), &body);
-                *hang.uri_mut() = "/hang".parse().unwrap();
-                let holder = tokio::spawn(svc.clone().oneshot(hang));
-                holding.notified().await;
-                let start = Instant::now();
-                for _ in 0..n {
-                    let mut req = request(Some("k"), &body);
-                    *req.uri_mut() = "/hang".parse().unwrap();
-                    let response = svc.clone().oneshot(req).await.unwrap();
-                    assert_eq!(response.status(), StatusCode::CONFLICT);
-                    drain(response).await;
-                }
-                let elapsed = start.elapsed();
-                holder.abort();
-                elapsed
-            })
-        })
-    });
-    group.finish();
 }
 
 fn hashing(c: &mut Criterion) {
