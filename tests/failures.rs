@@ -222,6 +222,39 @@ async fn response_over_the_capture_limit_is_delivered_then_not_replayed() {
 }
 
 #[tokio::test]
+async fn whole_response_over_the_capture_limit_is_delivered_then_not_replayed() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = common::scripted_handler(Arc::clone(&runs), |_| {
+        Scripted::new(Duration::ZERO).data(vec![b'a'; 1200])
+    });
+    let svc = tower::Layer::layer(
+        &IdempotencyLayer::default().with_response_limit(1000),
+        handler,
+    );
+    let (first, body) = read(
+        svc.clone()
+            .oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(body.len(), 1200);
+    let (status, _, problem) = json(
+        svc.oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("response-not-replayable"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
 async fn trailers_are_stored_and_replayed() {
     let runs = Arc::new(AtomicUsize::new(0));
     let handler = common::scripted_handler(Arc::clone(&runs), |_| {
