@@ -59,6 +59,74 @@ impl Store for DeadStore {
     }
 }
 
+/// A memory store whose `complete` takes a while, like a remote one, and
+/// says when it starts and when it has finished.
+#[derive(Debug, Default)]
+struct SlowToComplete {
+    store: MemoryStore,
+    started: tokio::sync::Notify,
+    finished: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl Store for SlowToComplete {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<Begin, StoreError> {
+        self.store.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        outcome: Outcome,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.started.notify_one();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let completed = self.store.complete(key, token, outcome, ttl).await;
+        self.finished.notify_one();
+        completed
+    }
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        self.store.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.renew(key, token, lease).await
+    }
+}
+
+#[tokio::test]
+async fn completion_under_way_lands_when_the_client_goes_away() {
+    let counter = Counter::default();
+    let store = Arc::new(SlowToComplete::default());
+    let svc = app(
+        &IdempotencyLayer::with_shared_store(Arc::clone(&store) as Arc<dyn Store>),
+        counter.handler(Duration::ZERO),
+    );
+    // The client gives up while the store is still recording the response.
+    tokio::select! {
+        _ = svc.clone().oneshot(post("/payments", Some(KEY), "{}")) => {
+            panic!("the response was returned before it was stored")
+        }
+        () = store.started.notified() => {}
+    }
+    tokio::time::timeout(Duration::from_secs(10), store.finished.notified())
+        .await
+        .expect("the completion was dropped with the request");
+    let retry = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(counter.runs(), 1);
+}
+
 #[tokio::test]
 async fn dead_store_answers_503_and_does_not_run_the_handler() {
     let counter = Counter::default();
