@@ -296,7 +296,7 @@ where
         let decision = match begin {
             Ok(Begin::Acquired(token)) => {
                 shared.metrics.record(Decision::Executed);
-                let lock = LockGuard::new(Arc::clone(&shared), record, token);
+                let lock = LockGuard::new(shared, record, token);
                 return first_use(Box::pin(inner.call(req)), lock).await;
             }
             Ok(Begin::Completed(stored)) => {
