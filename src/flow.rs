@@ -14,7 +14,7 @@ use std::{
 
 use bytes::{Buf, Bytes};
 use dashmap::DashMap;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{request, HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tokio::time::Instant;
@@ -239,7 +239,8 @@ type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 pub(crate) async fn run<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     mut inner: S,
-    req: Request<ReqBody>,
+    parts: request::Parts,
+    body: ReqBody,
     record: RecordKey,
 ) -> Answer<ResBody, S::Error>
 where
@@ -254,7 +255,6 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let config = &shared.config;
-    let (parts, body) = req.into_parts();
     let collected = {
         let mut buffer = std::pin::pin!(Buffer::new(Limited::new(body, config.body_limit)));
         // Most bodies have fully arrived by now: only a body still in

@@ -4,7 +4,7 @@ use std::{
     task::{Context, Poll},
 };
 
-use http::{header, Request, Response};
+use http::{header, HeaderMap, Request, Response};
 use http_body::Body;
 use tower_service::Service;
 use tracing::Instrument;
@@ -109,20 +109,19 @@ where
                 );
             }
         };
-        let req = Request::from_parts(parts, body);
-        if declared_length(&req).is_some_and(|len| len > config.body_limit as u64) {
+        if declared_length(&parts.headers).is_some_and(|len| len > config.body_limit as u64) {
             shared.metrics.record(Decision::Rejected);
             return ResponseFuture::ready(shared.problem(ProblemKind::BodyTooLarge));
         }
         let span = tracing::debug_span!(
             "idempotency",
-            method = %req.method(),
-            path = req.uri().path(),
+            method = %parts.method,
+            path = parts.uri.path(),
         );
         let clone = self.inner.clone();
         let inner = mem::replace(&mut self.inner, clone);
         ResponseFuture::keyed(Box::pin(
-            flow::run(Arc::clone(shared), inner, req, record).instrument(span),
+            flow::run(Arc::clone(shared), inner, parts, body, record).instrument(span),
         ))
     }
 }
@@ -140,8 +139,8 @@ impl<S> Idempotency<S> {
     }
 }
 
-fn declared_length<B>(req: &Request<B>) -> Option<u64> {
-    req.headers()
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
         .ok()?
