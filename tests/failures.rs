@@ -254,14 +254,11 @@ async fn response_body_that_fails_is_not_stored() {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test]
-async fn response_over_the_capture_limit_is_delivered_then_not_replayed() {
+/// A 1,200-byte response under a 1,000-byte capture limit reaches the
+/// client whole; its retry is refused with 409 and the handler runs once.
+async fn assert_delivered_then_not_replayed(body: fn() -> Scripted) {
     let runs = Arc::new(AtomicUsize::new(0));
-    let handler = common::scripted_handler(Arc::clone(&runs), |_| {
-        Scripted::new(Duration::ZERO)
-            .data(vec![b'a'; 600])
-            .data(vec![b'b'; 600])
-    });
+    let handler = common::scripted_handler(Arc::clone(&runs), move |_| body());
     let svc = tower::Layer::layer(
         &IdempotencyLayer::default().with_response_limit(1000),
         handler,
@@ -290,36 +287,19 @@ async fn response_over_the_capture_limit_is_delivered_then_not_replayed() {
 }
 
 #[tokio::test]
+async fn response_over_the_capture_limit_is_delivered_then_not_replayed() {
+    assert_delivered_then_not_replayed(|| {
+        Scripted::new(Duration::ZERO)
+            .data(vec![b'a'; 600])
+            .data(vec![b'b'; 600])
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn whole_response_over_the_capture_limit_is_delivered_then_not_replayed() {
-    let runs = Arc::new(AtomicUsize::new(0));
-    let handler = common::scripted_handler(Arc::clone(&runs), |_| {
-        Scripted::new(Duration::ZERO).data(vec![b'a'; 1200])
-    });
-    let svc = tower::Layer::layer(
-        &IdempotencyLayer::default().with_response_limit(1000),
-        handler,
-    );
-    let (first, body) = read(
-        svc.clone()
-            .oneshot(post("/payments", Some(KEY), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(first.status, StatusCode::OK);
-    assert_eq!(body.len(), 1200);
-    let (status, _, problem) = json(
-        svc.oneshot(post("/payments", Some(KEY), "{}"))
-            .await
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(status, StatusCode::CONFLICT);
-    assert!(problem["type"]
-        .as_str()
-        .unwrap()
-        .ends_with("response-not-replayable"));
-    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_delivered_then_not_replayed(|| Scripted::new(Duration::ZERO).data(vec![b'a'; 1200]))
+        .await;
 }
 
 #[tokio::test]
