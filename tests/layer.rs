@@ -21,6 +21,15 @@ fn layer() -> IdempotencyLayer {
     IdempotencyLayer::default()
 }
 
+/// A keyed POST from the client holding `token`.
+fn as_user(token: &str) -> Request<Full<Bytes>> {
+    let mut request = post("/payments", Some(KEY), "{}");
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
 #[tokio::test]
 async fn request_without_key_passes_through_every_time() {
     let counter = Counter::default();
@@ -346,13 +355,6 @@ async fn same_key_while_in_flight_with_another_body_gets_422() {
 async fn same_key_from_another_authorization_is_another_record() {
     let counter = Counter::default();
     let svc = app(&layer(), counter.handler(Duration::ZERO));
-    let as_user = |token: &str| {
-        let mut request = post("/payments", Some(KEY), "{}");
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        request
-    };
     let (_, _, alice) = json(send(&svc, as_user("alice")).await).await;
     let (_, bob_headers, bob) = json(send(&svc, as_user("bob")).await).await;
     assert!(bob_headers.get("idempotent-replayed").is_none());
@@ -629,13 +631,6 @@ async fn shared_store_behind_an_arc_serves_two_layers() {
 async fn key_in_flight_for_one_client_does_not_block_another() {
     let counter = Counter::default();
     let svc = app(&layer(), counter.handler(Duration::from_millis(300)));
-    let as_user = |token: &str| {
-        let mut request = post("/payments", Some(KEY), "{}");
-        request
-            .headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        request
-    };
     let alice = spawn_send(&svc, as_user("alice"));
     tokio::time::sleep(Duration::from_millis(50)).await;
     let bob = send(&svc, as_user("bob")).await;
