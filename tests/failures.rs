@@ -482,8 +482,8 @@ async fn raw_exchange(addr: std::net::SocketAddr, bytes: &[u8]) -> String {
     String::from_utf8_lossy(&response).into_owned()
 }
 
-#[tokio::test]
-async fn body_shorter_than_its_content_length_gets_408() {
+/// A real server whose layer waits 300 ms for a request body.
+async fn serve_with_short_body_timeout() -> (std::net::SocketAddr, Counter) {
     let counter = Counter::default();
     let layer = IdempotencyLayer::default().with_body_timeout(Duration::from_millis(300));
     let addr = serve(tower::Layer::layer(
@@ -491,6 +491,12 @@ async fn body_shorter_than_its_content_length_gets_408() {
         counter.handler::<hyper::body::Incoming>(Duration::ZERO),
     ))
     .await;
+    (addr, counter)
+}
+
+#[tokio::test]
+async fn body_shorter_than_its_content_length_gets_408() {
+    let (addr, counter) = serve_with_short_body_timeout().await;
     let response = raw_exchange(
         addr,
         format!("POST /payments HTTP/1.1\r\nhost: t\r\nidempotency-key: {KEY}\r\ncontent-length: 100\r\n\r\nonly ten b").as_bytes(),
@@ -503,13 +509,7 @@ async fn body_shorter_than_its_content_length_gets_408() {
 
 #[tokio::test]
 async fn chunked_body_that_never_ends_gets_408() {
-    let counter = Counter::default();
-    let layer = IdempotencyLayer::default().with_body_timeout(Duration::from_millis(300));
-    let addr = serve(tower::Layer::layer(
-        &layer,
-        counter.handler::<hyper::body::Incoming>(Duration::ZERO),
-    ))
-    .await;
+    let (addr, counter) = serve_with_short_body_timeout().await;
     let response = raw_exchange(
         addr,
         format!("POST /payments HTTP/1.1\r\nhost: t\r\nidempotency-key: {KEY}\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n").as_bytes(),
