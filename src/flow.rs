@@ -236,13 +236,22 @@ async fn release(shared: &Shared, key: RecordKey, token: LockToken) {
 type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
 /// Buffers and fingerprints the request, then asks the store what to do.
-pub(crate) async fn run<S, ReqBody, ResBody>(
+///
+/// Written as a block rather than an `async fn`, whose state would hold
+/// each argument twice, and with the call's own future boxed apart: the
+/// state stays under the size that the allocator serves from its
+/// per-thread cache.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep each argument twice in its state"
+)]
+pub(crate) fn run<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     mut inner: S,
     parts: request::Parts,
     body: ReqBody,
     record: RecordKey,
-) -> Answer<ResBody, S::Error>
+) -> impl Future<Output = Answer<ResBody, S::Error>> + Send
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -254,84 +263,86 @@ where
     ResBody::Data: Send,
     ResBody::Error: Into<BoxError>,
 {
-    let config = &shared.config;
-    let collected = {
-        let mut buffer = std::pin::pin!(Buffer::new(Limited::new(body, config.body_limit)));
-        // Most bodies have fully arrived by now: only a body still in
-        // transit pays for a timer.
-        match std::future::poll_fn(|cx| Poll::Ready(buffer.as_mut().poll(cx))).await {
-            Poll::Ready(collected) => Ok(collected),
-            Poll::Pending => Box::pin(tokio::time::timeout(config.body_timeout, buffer)).await,
-        }
-    };
-    let body = match collected {
-        Ok(Ok(body)) => body,
-        Ok(Err(err)) if err.is::<LengthLimitError>() => {
-            shared.metrics.record(Decision::Rejected);
-            return Ok(shared.problem(ProblemKind::BodyTooLarge));
-        }
-        Ok(Err(err)) => {
-            shared.metrics.record(Decision::Rejected);
-            tracing::debug!(error = %err, "request body could not be read");
-            return Ok(shared.problem(ProblemKind::BodyUnreadable));
-        }
-        Err(_) => {
-            shared.metrics.record(Decision::Rejected);
-            return Ok(shared.problem(ProblemKind::BodyTimeout));
-        }
-    };
-    let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
-    let req = Request::from_parts(parts, RequestBody::buffered(body));
+    async move {
+        let config = &shared.config;
+        let collected = {
+            let mut buffer = std::pin::pin!(Buffer::new(Limited::new(body, config.body_limit)));
+            // Most bodies have fully arrived by now: only a body still in
+            // transit pays for a timer.
+            match std::future::poll_fn(|cx| Poll::Ready(buffer.as_mut().poll(cx))).await {
+                Poll::Ready(collected) => Ok(collected),
+                Poll::Pending => Box::pin(tokio::time::timeout(config.body_timeout, buffer)).await,
+            }
+        };
+        let body = match collected {
+            Ok(Ok(body)) => body,
+            Ok(Err(err)) if err.is::<LengthLimitError>() => {
+                shared.metrics.record(Decision::Rejected);
+                return Ok(shared.problem(ProblemKind::BodyTooLarge));
+            }
+            Ok(Err(err)) => {
+                shared.metrics.record(Decision::Rejected);
+                tracing::debug!(error = %err, "request body could not be read");
+                return Ok(shared.problem(ProblemKind::BodyUnreadable));
+            }
+            Err(_) => {
+                shared.metrics.record(Decision::Rejected);
+                return Ok(shared.problem(ProblemKind::BodyTimeout));
+            }
+        };
+        let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
+        let req = Request::from_parts(parts, RequestBody::buffered(body));
 
-    let deadline = match config.in_flight {
-        InFlightPolicy::Wait(limit) => Some(Instant::now() + limit),
-        InFlightPolicy::Reject => None,
-    };
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let begin = config
-            .store
-            .begin(&record, &fingerprint, config.lease)
-            .await;
-        let decision = match begin {
-            Ok(Begin::Acquired(token)) => {
-                shared.metrics.record(Decision::Executed);
-                let lock = LockGuard::new(shared, record, token);
-                return first_use(Box::pin(inner.call(req)), lock).await;
-            }
-            Ok(Begin::Completed(stored)) => {
-                shared.metrics.record(Decision::Replayed);
-                return Ok(replay(stored));
-            }
-            Ok(Begin::InFlight) => match deadline {
-                Some(deadline) if Instant::now() + backoff < deadline => {
-                    Box::pin(tokio::time::sleep(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_millis(250));
-                    continue;
+        let deadline = match config.in_flight {
+            InFlightPolicy::Wait(limit) => Some(Instant::now() + limit),
+            InFlightPolicy::Reject => None,
+        };
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let begin = config
+                .store
+                .begin(&record, &fingerprint, config.lease)
+                .await;
+            let decision = match begin {
+                Ok(Begin::Acquired(token)) => {
+                    shared.metrics.record(Decision::Executed);
+                    let lock = LockGuard::new(shared, record, token);
+                    return Box::pin(first_use(Box::pin(inner.call(req)), lock)).await;
                 }
-                _ => (Decision::Conflict, ProblemKind::InFlight),
-            },
-            Ok(Begin::NotReplayable) => (Decision::NotReplayable, ProblemKind::NotReplayable),
-            Ok(Begin::Mismatch) => (Decision::Mismatch, ProblemKind::KeyReused),
-            Err(err) => {
-                shared.metrics.record(Decision::StoreError);
-                tracing::error!(error = %err, "idempotency store failed");
-                if config.store_failure == StoreFailure::FailOpen {
-                    let response = Box::pin(inner.call(req)).await?;
-                    return Ok(response.map(ResponseBody::inner));
+                Ok(Begin::Completed(stored)) => {
+                    shared.metrics.record(Decision::Replayed);
+                    return Ok(replay(stored));
                 }
-                return Ok(match err {
+                Ok(Begin::InFlight) => match deadline {
+                    Some(deadline) if Instant::now() + backoff < deadline => {
+                        Box::pin(tokio::time::sleep(backoff)).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(250));
+                        continue;
+                    }
+                    _ => (Decision::Conflict, ProblemKind::InFlight),
+                },
+                Ok(Begin::NotReplayable) => (Decision::NotReplayable, ProblemKind::NotReplayable),
+                Ok(Begin::Mismatch) => (Decision::Mismatch, ProblemKind::KeyReused),
+                Err(err) => {
+                    shared.metrics.record(Decision::StoreError);
+                    tracing::error!(error = %err, "idempotency store failed");
+                    if config.store_failure == StoreFailure::FailOpen {
+                        let response = Box::pin(inner.call(req)).await?;
+                        return Ok(response.map(ResponseBody::inner));
+                    }
+                    return Ok(match err {
                     StoreError::Full => shared.problem_with(
                         ProblemKind::StoreUnavailable,
                         "The idempotency store is full. The request was not processed; retry later.",
                     ),
                     _ => shared.problem(ProblemKind::StoreUnavailable),
                 });
-            }
-        };
-        let (decision, kind) = decision;
-        shared.metrics.record(decision);
-        return Ok(shared.problem(kind));
+                }
+            };
+            let (decision, kind) = decision;
+            shared.metrics.record(decision);
+            return Ok(shared.problem(kind));
+        }
     }
 }
 
