@@ -14,6 +14,13 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// The longest key accepted, in characters.
 pub const MAX_KEY_LEN: usize = 255;
 
+// Each digest starts with its own tag, so a record key and a fingerprint
+// never hash the same input. Kept short because each 64 bytes of input is
+// another SHA-256 block: a UUID key without a scope fits its record key in
+// one.
+const RECORD_DOMAIN: &[u8; 8] = b"tidem:r2";
+const FINGERPRINT_DOMAIN: &[u8; 8] = b"tidem:f2";
+
 /// Why an `Idempotency-Key` header was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -136,7 +143,7 @@ impl RecordKey {
     /// Derives the record key for `key` within `scope`.
     pub fn new(scope: &[u8], key: &str) -> Self {
         let mut hasher = Sha256::new();
-        hasher.update(b"tower-idempotency/record/v1\0");
+        hasher.update(RECORD_DOMAIN);
         hasher.update((scope.len() as u64).to_be_bytes());
         hasher.update(scope);
         hasher.update(key.as_bytes());
@@ -177,7 +184,7 @@ impl Fingerprint {
     /// Fingerprints a request whose body has been buffered.
     pub fn compute(parts: &request::Parts, headers: &[HeaderName], body: &[u8]) -> Self {
         let mut hasher = Sha256::new();
-        hasher.update(b"tower-idempotency/fingerprint/v1\0");
+        hasher.update(FINGERPRINT_DOMAIN);
         let target = parts
             .uri
             .path_and_query()
