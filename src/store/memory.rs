@@ -267,7 +267,7 @@ impl Store for MemoryStore {
             expires_at: now + millis(lease),
             state: State::InFlight(token_words(token)),
         };
-        match inner.map.entry(*key) {
+        let record = match inner.map.entry(*key) {
             MapEntry::Occupied(mut occupied) => {
                 let entry = occupied.get_mut();
                 if entry.expires_at <= now {
@@ -281,13 +281,11 @@ impl Store for MemoryStore {
                 if entry.fingerprint != fingerprint {
                     return Ok(Begin::Mismatch);
                 }
-                Ok(match &entry.state {
-                    State::InFlight(_) => Begin::InFlight,
-                    State::Completed(record) => {
-                        Begin::Completed(Arc::new(StoredResponse::decode(record.clone())?))
-                    }
-                    State::NotReplayable => Begin::NotReplayable,
-                })
+                match &entry.state {
+                    State::InFlight(_) => return Ok(Begin::InFlight),
+                    State::Completed(record) => record.clone(),
+                    State::NotReplayable => return Ok(Begin::NotReplayable),
+                }
             }
             MapEntry::Vacant(vacant) => {
                 let admitted = inner
@@ -302,9 +300,12 @@ impl Store for MemoryStore {
                 }
                 let token = LockToken::random();
                 vacant.insert(fresh(token));
-                Ok(Begin::Acquired(token))
+                return Ok(Begin::Acquired(token));
             }
-        }
+        };
+        // Decoded once the shard's lock is let go: replays of one hot key
+        // then hold it only long enough to clone the record.
+        Ok(Begin::Completed(Arc::new(StoredResponse::decode(record)?)))
     }
 
     async fn complete(
