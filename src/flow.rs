@@ -235,6 +235,9 @@ async fn release(shared: &Shared, key: RecordKey, token: LockToken) {
 
 type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 
+const STORE_FULL: &str =
+    "The idempotency store is full. The request was not processed; retry later.";
+
 /// Buffers and fingerprints the request, then asks the store what to do.
 ///
 /// Written as a block rather than an `async fn`, whose state would hold
@@ -331,12 +334,11 @@ where
                         return Ok(response.map(ResponseBody::inner));
                     }
                     return Ok(match err {
-                    StoreError::Full => shared.problem_with(
-                        ProblemKind::StoreUnavailable,
-                        "The idempotency store is full. The request was not processed; retry later.",
-                    ),
-                    _ => shared.problem(ProblemKind::StoreUnavailable),
-                });
+                        StoreError::Full => {
+                            shared.problem_with(ProblemKind::StoreUnavailable, STORE_FULL)
+                        }
+                        _ => shared.problem(ProblemKind::StoreUnavailable),
+                    });
                 }
             };
             let (decision, kind) = decision;
@@ -401,9 +403,7 @@ where
     match result {
         Ok(response) => {
             let (response, settling) = respond(response, lock, detach);
-            if let Some(settling) = settling {
-                settling.await;
-            }
+            settling.await;
             Ok(response)
         }
         Err(err) => {
@@ -422,7 +422,7 @@ fn respond<B>(
     response: Response<B>,
     lock: LockGuard,
     detach: bool,
-) -> (Response<ResponseBody<B>>, Option<Settling>)
+) -> (Response<ResponseBody<B>>, Settling)
 where
     B: Body + Send + 'static,
     B::Data: Send,
@@ -431,10 +431,9 @@ where
     let (head, body) = response.into_parts();
     let config = &lock.shared.config;
     if !config.keep.keeps(&head) {
-        let release = Settling::new(lock.release());
         return (
             Response::from_parts(head, ResponseBody::inner(body)),
-            Some(release),
+            Settling::new(lock.release()),
         );
     }
     let mut body = Box::pin(body);
@@ -472,10 +471,9 @@ where
         } else {
             Outcome::Response(encode_parts(head.status, &head.headers, &data, None))
         };
-        let completion = Settling::new(lock.complete(outcome));
         return (
             Response::from_parts(head, ResponseBody::full(data, None)),
-            Some(completion),
+            Settling::new(lock.complete(outcome)),
         );
     }
     // A body still being produced is captured as it streams.
@@ -491,7 +489,7 @@ where
         state.ready.push_back(frame);
     }
     // A body that ended here settles before the response is returned.
-    let settling = state.settling.take();
+    let settling = std::mem::take(&mut state.settling);
     (
         Response::from_parts(head, ResponseBody::capturing(state)),
         settling,
@@ -510,8 +508,10 @@ enum Early {
     Pending,
 }
 
-/// A completion or release under way. Dropped before it finishes, it
-/// finishes in a task: once started, it must land even if nobody waits.
+/// A completion or release under way, or (the default) none. Dropped
+/// before it finishes, it finishes in a task: once started, it must land
+/// even if nobody waits.
+#[derive(Default)]
 struct Settling {
     future: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
@@ -521,6 +521,10 @@ impl Settling {
         Self {
             future: Some(Box::pin(future)),
         }
+    }
+
+    fn is_under_way(&self) -> bool {
+        self.future.is_some()
     }
 }
 
@@ -574,9 +578,7 @@ where
         match call.await {
             Ok(response) => {
                 let (response, settling) = respond(response, lock, false);
-                if let Some(settling) = settling {
-                    settling.await;
-                }
+                settling.await;
                 drain(response.into_body()).await;
             }
             Err(_) => lock.release().await,
@@ -619,7 +621,7 @@ pub(crate) struct CaptureState<B> {
     ready: VecDeque<Frame<Bytes>>,
     capture: Option<Capture>,
     lock: Option<LockGuard>,
-    settling: Option<Settling>,
+    settling: Settling,
     error: Option<BoxError>,
     detach: bool,
     /// Made where the bounds are known, since `Drop` cannot ask for them.
@@ -658,7 +660,7 @@ impl<B> CaptureState<B> {
             ready: VecDeque::new(),
             capture: Some(capture),
             lock: Some(lock),
-            settling: None,
+            settling: Settling::default(),
             error: None,
             detach,
             finish: finish_body::<B>,
@@ -668,7 +670,7 @@ impl<B> CaptureState<B> {
     pub(crate) fn is_end_stream(&self) -> bool {
         self.body.is_none()
             && self.ready.is_empty()
-            && self.settling.is_none()
+            && !self.settling.is_under_way()
             && self.error.is_none()
     }
 }
@@ -706,7 +708,8 @@ where
                 return Poll::Ready(Some(Ok(frame)));
             }
             if self.body.is_none() {
-                ready!(self.poll_settling(cx));
+                // The completion or release under way, if any, lands first.
+                ready!(Pin::new(&mut self.settling).poll(cx));
                 return Poll::Ready(self.error.take().map(Err));
             }
             if let Some(frame) = ready!(self.poll_body(cx)) {
@@ -742,7 +745,7 @@ where
             None => {
                 self.body = None;
                 if let (Some(lock), Some(capture)) = (self.lock.take(), self.capture.take()) {
-                    self.settling = Some(Settling::new(lock.complete(capture.finish())));
+                    self.settling = Settling::new(lock.complete(capture.finish()));
                 }
                 Poll::Ready(None)
             }
@@ -766,26 +769,15 @@ impl<B> CaptureState<B> {
         self.body = None;
         self.error = Some(err);
         if let Some(lock) = self.lock.take() {
-            self.settling = Some(Settling::new(lock.release()));
+            self.settling = Settling::new(lock.release());
         }
-    }
-}
-
-impl<B> CaptureState<B> {
-    /// Drives the completion or release under way, if any.
-    fn poll_settling(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        if let Some(settling) = self.settling.as_mut() {
-            ready!(Pin::new(settling).poll(cx));
-            self.settling = None;
-        }
-        Poll::Ready(())
     }
 }
 
 impl<B> Drop for CaptureState<B> {
     fn drop(&mut self) {
         // A completion or release under way lands on its own when dropped.
-        if self.settling.is_some() {
+        if self.settling.is_under_way() {
             return;
         }
         let Ok(handle) = tokio::runtime::Handle::try_current() else {
@@ -802,7 +794,7 @@ impl<B> Drop for CaptureState<B> {
             ready: VecDeque::new(),
             capture: self.capture.take(),
             lock: Some(lock),
-            settling: None,
+            settling: Settling::default(),
             error: None,
             detach: false,
             finish: self.finish,
