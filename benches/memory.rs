@@ -17,7 +17,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tower_idempotency::{
     key::{Fingerprint, RecordKey},
-    store::{Begin, MemoryLimits, MemoryStore, Outcome, StoredResponse},
+    store::{BeginOutcome, Completion, MemoryLimits, MemoryStore, StoredResponse},
     Store,
 };
 
@@ -81,7 +81,7 @@ async fn fill(store: &MemoryStore, entries: usize) -> usize {
     for i in 0..entries {
         let key = RecordKey::new(b"bench", &format!("key-{i}"));
         let fingerprint = Fingerprint::from_bytes([7; 32]);
-        let Ok(Begin::Acquired(token)) = store
+        let Ok(BeginOutcome::Acquired(token)) = store
             .begin(&key, &fingerprint, Duration::from_secs(60))
             .await
         else {
@@ -93,7 +93,7 @@ async fn fill(store: &MemoryStore, entries: usize) -> usize {
             .complete(
                 &key,
                 token,
-                Outcome::Response(response.encode()),
+                Completion::Response(response.encode()),
                 Duration::from_secs(3600),
             )
             .await
@@ -112,7 +112,7 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         for entries in [100_000usize, 1_000_000] {
-            let store = MemoryStore::new().with_limits(MemoryLimits::new(entries, usize::MAX));
+            let store = MemoryStore::builder().with_limits(MemoryLimits::new(entries, usize::MAX)).build();
             let (heap_before, rss_before) = (LIVE.load(Ordering::Relaxed), resident_bytes());
             let payload = fill(&store, entries).await;
             let (heap_after, rss_after) = (LIVE.load(Ordering::Relaxed), resident_bytes());

@@ -23,7 +23,7 @@ mod real {
     use tower::{Layer, ServiceExt};
     use tower_idempotency::{
         key::{Fingerprint, RecordKey},
-        store::{Begin, LockToken, Outcome, PostgresStore, RedisStore, StoreError},
+        store::{BeginOutcome, Completion, LockToken, PostgresStore, RedisStore, StoreError},
         IdempotencyLayer, Store,
     };
 
@@ -44,7 +44,7 @@ mod real {
             key: &RecordKey,
             fp: &Fingerprint,
             lease: Duration,
-        ) -> Result<Begin, StoreError> {
+        ) -> Result<BeginOutcome, StoreError> {
             self.calls.fetch_add(1, Ordering::Relaxed);
             self.inner.begin(key, fp, lease).await
         }
@@ -52,7 +52,7 @@ mod real {
             &self,
             key: &RecordKey,
             token: LockToken,
-            outcome: Outcome,
+            outcome: Completion,
             ttl: Duration,
         ) -> Result<(), StoreError> {
             self.calls.fetch_add(1, Ordering::Relaxed);
@@ -155,11 +155,11 @@ mod real {
     /// A first use as the layer makes it: `begin` on a fresh key, then
     /// `complete` with the encoded response.
     async fn first_use(store: &impl Store, key: &RecordKey, record: Bytes) {
-        let Ok(Begin::Acquired(token)) = store.begin(key, &FP, LEASE).await else {
+        let Ok(BeginOutcome::Acquired(token)) = store.begin(key, &FP, LEASE).await else {
             panic!("a fresh key must be acquired")
         };
         store
-            .complete(key, token, Outcome::Response(record), TTL)
+            .complete(key, token, Completion::Response(record), TTL)
             .await
             .unwrap();
     }
@@ -168,7 +168,7 @@ mod real {
     async fn replay(store: &impl Store, key: &RecordKey) {
         assert!(matches!(
             store.begin(key, &FP, LEASE).await,
-            Ok(Begin::Completed(_))
+            Ok(BeginOutcome::Completed(_))
         ));
     }
 
@@ -267,8 +267,8 @@ mod real {
         rt.block_on(async {
             // Left from an earlier run, the hot key is already completed.
             for store in [&redis_store as &dyn Store, &pg_store] {
-                if let Ok(Begin::Acquired(token)) = store.begin(&hot, &FP, LEASE).await {
-                    store.complete(&hot, token, Outcome::Response(encoded.clone()), TTL).await.unwrap();
+                if let Ok(BeginOutcome::Acquired(token)) = store.begin(&hot, &FP, LEASE).await {
+                    store.complete(&hot, token, Completion::Response(encoded.clone()), TTL).await.unwrap();
                 }
             }
             let mut conn = raw_redis.clone();

@@ -8,11 +8,11 @@ use std::{
 };
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use http::HeaderMap;
+use http::{HeaderMap, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
-use crate::{flow::CaptureState, store::BoxError};
+use crate::{keyed::capture::CaptureState, BoxError};
 
 pin_project! {
     /// The request body the inner service receives: the buffered body of a
@@ -185,6 +185,21 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, Bytes::len) as u64)
             }
             ResponseKind::Capturing { state } => state.size_hint(),
+        }
+    }
+}
+
+/// A response whose body is already whole, such as a problem document.
+pub(crate) fn whole<B>(response: Response<Bytes>) -> Response<ResponseBody<B>> {
+    response.map(|body| ResponseBody::full(body, None))
+}
+
+/// Reads a body to its end, discarding what it yields.
+pub(crate) async fn drain<B: Body>(body: B) {
+    let mut body = std::pin::pin!(body);
+    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
+        if frame.is_err() {
+            return;
         }
     }
 }

@@ -20,7 +20,7 @@ use http::{HeaderMap, HeaderValue, StatusCode};
 
 use crate::{
     key::{Fingerprint, RecordKey},
-    store::{Begin, LockToken, Outcome, Store, StoreError, StoredResponse},
+    store::{BeginOutcome, Completion, LockToken, Store, StoreError, StoredResponse},
 };
 
 const LEASE: Duration = Duration::from_secs(30);
@@ -56,12 +56,12 @@ pub fn sample_response() -> StoredResponse {
 
 async fn acquire(store: &impl Store, key: &RecordKey, fp: u8, lease: Duration) -> LockToken {
     match store.begin(key, &fingerprint(fp), lease).await {
-        Ok(Begin::Acquired(token)) => token,
+        Ok(BeginOutcome::Acquired(token)) => token,
         other => panic!("expected Acquired on a free key, got {other:?}"),
     }
 }
 
-async fn begin(store: &impl Store, key: &RecordKey, fp: u8) -> Begin {
+async fn begin(store: &impl Store, key: &RecordKey, fp: u8) -> BeginOutcome {
     store
         .begin(key, &fingerprint(fp), LEASE)
         .await
@@ -71,7 +71,7 @@ async fn begin(store: &impl Store, key: &RecordKey, fp: u8) -> Begin {
 /// `token` does not hold `key`: completing, releasing and renewing with it
 /// all fail with [`StoreError::LockLost`].
 async fn assert_fenced(store: &impl Store, key: &RecordKey, token: LockToken) {
-    let outcome = Outcome::Response(sample_response().encode());
+    let outcome = Completion::Response(sample_response().encode());
     assert!(matches!(
         store.complete(key, token, outcome, TTL).await,
         Err(StoreError::LockLost)
@@ -95,14 +95,20 @@ pub async fn first_begin_acquires(store: &impl Store) {
 pub async fn held_key_is_in_flight(store: &impl Store) {
     let key = fresh_key();
     acquire(store, &key, 1, LEASE).await;
-    assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
+    assert!(matches!(
+        begin(store, &key, 1).await,
+        BeginOutcome::InFlight
+    ));
 }
 
 /// A held key answers `Mismatch` to another fingerprint.
 pub async fn held_key_with_other_fingerprint_is_mismatch(store: &impl Store) {
     let key = fresh_key();
     acquire(store, &key, 1, LEASE).await;
-    assert!(matches!(begin(store, &key, 2).await, Begin::Mismatch));
+    assert!(matches!(
+        begin(store, &key, 2).await,
+        BeginOutcome::Mismatch
+    ));
 }
 
 /// A completed key replays exactly what was stored.
@@ -113,13 +119,13 @@ pub async fn completed_key_replays_the_stored_response(store: &impl Store) {
         .complete(
             &key,
             token,
-            Outcome::Response(sample_response().encode()),
+            Completion::Response(sample_response().encode()),
             TTL,
         )
         .await
         .expect("complete by the holder");
     match begin(store, &key, 1).await {
-        Begin::Completed(stored) => assert_eq!(*stored, sample_response()),
+        BeginOutcome::Completed(stored) => assert_eq!(stored, sample_response().encode()),
         other => panic!("expected Completed, got {other:?}"),
     }
 }
@@ -130,11 +136,11 @@ pub async fn empty_response_round_trips(store: &impl Store) {
     let token = acquire(store, &key, 1, LEASE).await;
     let empty = StoredResponse::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new(), None);
     store
-        .complete(&key, token, Outcome::Response(empty.encode()), TTL)
+        .complete(&key, token, Completion::Response(empty.encode()), TTL)
         .await
         .expect("complete by the holder");
     match begin(store, &key, 1).await {
-        Begin::Completed(stored) => assert_eq!(*stored, empty),
+        BeginOutcome::Completed(stored) => assert_eq!(stored, empty.encode()),
         other => panic!("expected Completed, got {other:?}"),
     }
 }
@@ -147,12 +153,15 @@ pub async fn completed_key_with_other_fingerprint_is_mismatch(store: &impl Store
         .complete(
             &key,
             token,
-            Outcome::Response(sample_response().encode()),
+            Completion::Response(sample_response().encode()),
             TTL,
         )
         .await
         .expect("complete by the holder");
-    assert!(matches!(begin(store, &key, 2).await, Begin::Mismatch));
+    assert!(matches!(
+        begin(store, &key, 2).await,
+        BeginOutcome::Mismatch
+    ));
 }
 
 /// A key completed as not replayable says so.
@@ -160,10 +169,13 @@ pub async fn not_replayable_outcome_is_reported(store: &impl Store) {
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
     store
-        .complete(&key, token, Outcome::NotReplayable, TTL)
+        .complete(&key, token, Completion::NotReplayable, TTL)
         .await
         .expect("complete by the holder");
-    assert!(matches!(begin(store, &key, 1).await, Begin::NotReplayable));
+    assert!(matches!(
+        begin(store, &key, 1).await,
+        BeginOutcome::NotReplayable
+    ));
 }
 
 /// A released key is free again, for any fingerprint.
@@ -182,7 +194,10 @@ pub async fn foreign_token_is_refused(store: &impl Store) {
     let key = fresh_key();
     acquire(store, &key, 1, LEASE).await;
     assert_fenced(store, &key, LockToken::random()).await;
-    assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
+    assert!(matches!(
+        begin(store, &key, 1).await,
+        BeginOutcome::InFlight
+    ));
 }
 
 /// Once completed, the lock is gone: the old token cannot release it.
@@ -193,7 +208,7 @@ pub async fn completed_key_cannot_be_released(store: &impl Store) {
         .complete(
             &key,
             token,
-            Outcome::Response(sample_response().encode()),
+            Completion::Response(sample_response().encode()),
             TTL,
         )
         .await
@@ -202,7 +217,10 @@ pub async fn completed_key_cannot_be_released(store: &impl Store) {
         store.release(&key, token).await,
         Err(StoreError::LockLost)
     ));
-    assert!(matches!(begin(store, &key, 1).await, Begin::Completed(_)));
+    assert!(matches!(
+        begin(store, &key, 1).await,
+        BeginOutcome::Completed(_)
+    ));
 }
 
 /// When a lease runs out, another request takes the key over, and the old
@@ -214,12 +232,15 @@ pub async fn expired_lease_is_taken_over_and_fences_the_old_holder(store: &impl 
     let new = acquire(store, &key, 1, LEASE).await;
     assert_ne!(old, new);
     assert_fenced(store, &key, old).await;
-    assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
+    assert!(matches!(
+        begin(store, &key, 1).await,
+        BeginOutcome::InFlight
+    ));
     store
         .complete(
             &key,
             new,
-            Outcome::Response(sample_response().encode()),
+            Completion::Response(sample_response().encode()),
             TTL,
         )
         .await
@@ -237,7 +258,10 @@ pub async fn renewed_lease_outlives_its_first_expiry(store: &impl Store) {
             .await
             .expect("renew by the holder");
     }
-    assert!(matches!(begin(store, &key, 1).await, Begin::InFlight));
+    assert!(matches!(
+        begin(store, &key, 1).await,
+        BeginOutcome::InFlight
+    ));
 }
 
 /// After its TTL, a completed key is free again.
@@ -248,12 +272,15 @@ pub async fn completed_key_expires_after_its_ttl(store: &impl Store) {
         .complete(
             &key,
             token,
-            Outcome::Response(sample_response().encode()),
+            Completion::Response(sample_response().encode()),
             SHORT,
         )
         .await
         .expect("complete by the holder");
-    assert!(matches!(begin(store, &key, 1).await, Begin::Completed(_)));
+    assert!(matches!(
+        begin(store, &key, 1).await,
+        BeginOutcome::Completed(_)
+    ));
     tokio::time::sleep(SHORT * 2).await;
     acquire(store, &key, 2, LEASE).await;
 }
@@ -267,7 +294,7 @@ pub async fn keys_are_independent(store: &impl Store) {
         .release(&a, token)
         .await
         .expect("release by the holder");
-    assert!(matches!(begin(store, &b, 1).await, Begin::InFlight));
+    assert!(matches!(begin(store, &b, 1).await, BeginOutcome::InFlight));
 }
 
 /// Many tasks racing to begin one key: exactly one acquires.
@@ -282,8 +309,8 @@ pub async fn concurrent_begins_acquire_exactly_once<S: Store + Clone>(store: &S)
     let mut acquired = 0;
     for task in tasks {
         match task.await.expect("task") {
-            Ok(Begin::Acquired(_)) => acquired += 1,
-            Ok(Begin::InFlight) => {}
+            Ok(BeginOutcome::Acquired(_)) => acquired += 1,
+            Ok(BeginOutcome::InFlight) => {}
             other => panic!("unexpected answer in a race: {other:?}"),
         }
     }
@@ -301,8 +328,10 @@ pub async fn concurrent_readers_see_whole_records<S: Store + Clone>(store: &S) {
             tokio::spawn(async move {
                 for _ in 0..8 {
                     match store.begin(&key, &fingerprint(1), LEASE).await {
-                        Ok(Begin::InFlight) => {}
-                        Ok(Begin::Completed(stored)) => assert_eq!(*stored, sample_response()),
+                        Ok(BeginOutcome::InFlight) => {}
+                        Ok(BeginOutcome::Completed(stored)) => {
+                            assert_eq!(stored, sample_response().encode())
+                        }
                         other => panic!("unexpected answer: {other:?}"),
                     }
                     tokio::task::yield_now().await;
@@ -314,7 +343,7 @@ pub async fn concurrent_readers_see_whole_records<S: Store + Clone>(store: &S) {
         .complete(
             &key,
             token,
-            Outcome::Response(sample_response().encode()),
+            Completion::Response(sample_response().encode()),
             TTL,
         )
         .await
@@ -329,7 +358,7 @@ pub async fn works_as_a_trait_object<S: Store + Clone>(store: &S) {
     let shared: Arc<dyn Store> = Arc::new(store.clone());
     let key = fresh_key();
     let token = match shared.begin(&key, &fingerprint(1), LEASE).await {
-        Ok(Begin::Acquired(token)) => token,
+        Ok(BeginOutcome::Acquired(token)) => token,
         other => panic!("expected Acquired, got {other:?}"),
     };
     shared

@@ -1,18 +1,17 @@
-use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
+use std::{fmt, sync::Arc, time::Duration};
 
 use http::{header, request, HeaderName, Method};
 use tower_layer::Layer;
 
 use crate::{
-    flow::Shared,
+    config::Config,
+    keyed::shared::Shared,
     metrics::Metrics,
     policy::{ClientDisconnect, InFlightPolicy, KeepPolicy, StoreFailure},
     problem::DEFAULT_PROBLEM_BASE,
+    service::Idempotency,
     store::{MemoryStore, Store},
-    Idempotency,
 };
-
-type ScopeFn = Arc<dyn Fn(&request::Parts) -> Option<Vec<u8>> + Send + Sync>;
 
 /// Applies [`Idempotency`] to a service: requests with an `Idempotency-Key`
 /// header run once, and their retries get the stored response.
@@ -23,42 +22,6 @@ type ScopeFn = Arc<dyn Fn(&request::Parts) -> Option<Vec<u8>> + Send + Sync>;
 pub struct IdempotencyLayer {
     pub(crate) config: Config,
     metrics: Metrics,
-}
-
-#[derive(Clone)]
-pub(crate) struct Config {
-    pub(crate) store: Arc<dyn Store>,
-    pub(crate) methods: Vec<Method>,
-    pub(crate) key_required: bool,
-    pub(crate) body_limit: usize,
-    pub(crate) body_timeout: Duration,
-    pub(crate) response_limit: usize,
-    pub(crate) fingerprint_headers: Vec<HeaderName>,
-    scope: Option<ScopeFn>,
-    pub(crate) ttl: Duration,
-    pub(crate) lease: Duration,
-    pub(crate) keep: KeepPolicy,
-    pub(crate) problem_base: Arc<str>,
-    pub(crate) on_disconnect: ClientDisconnect,
-    pub(crate) in_flight: InFlightPolicy,
-    pub(crate) store_failure: StoreFailure,
-    pub(crate) retry_after: Duration,
-}
-
-impl Config {
-    /// The scope of a request: by default its `Authorization` header, which
-    /// is hashed into the record key and never stored.
-    pub(crate) fn scope_of<'a>(&self, parts: &'a request::Parts) -> Cow<'a, [u8]> {
-        match &self.scope {
-            Some(scope) => Cow::Owned(scope(parts).unwrap_or_default()),
-            None => Cow::Borrowed(
-                parts
-                    .headers
-                    .get(header::AUTHORIZATION)
-                    .map_or(&[][..], |v| v.as_bytes()),
-            ),
-        }
-    }
 }
 
 impl Default for IdempotencyLayer {
@@ -236,20 +199,6 @@ impl fmt::Debug for IdempotencyLayer {
         f.debug_struct("IdempotencyLayer")
             .field("config", &self.config)
             .finish()
-    }
-}
-
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Config")
-            .field("store", &self.store)
-            .field("methods", &self.methods)
-            .field("key_required", &self.key_required)
-            .field("body_limit", &self.body_limit)
-            .field("response_limit", &self.response_limit)
-            .field("ttl", &self.ttl)
-            .field("lease", &self.lease)
-            .finish_non_exhaustive()
     }
 }
 

@@ -53,22 +53,21 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `redis` | `RedisStore`, on `redis`'s `ConnectionManager` |
-//! | `postgres` | `PostgresStore`, on a `sqlx::PgPool` |
+//! | `redis` | [`RedisStore`](store::RedisStore), on `redis`'s `ConnectionManager` |
+//! | `postgres` | [`PostgresStore`](store::PostgresStore), on a `sqlx::PgPool` |
 //! | `conformance` | `store_conformance_tests!`, the suite every store passes |
 //!
 //! The default build has only the in-memory [`MemoryStore`].
-#![forbid(unsafe_code)]
-#![deny(missing_docs)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
+mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
-mod flow;
 mod future;
 pub mod key;
+mod keyed;
 mod layer;
 pub mod metrics;
 pub mod policy;
@@ -83,3 +82,7 @@ pub use crate::{
     service::Idempotency,
     store::{MemoryStore, Store},
 };
+
+/// A boxed error: what the layer's bodies fail with, and what a store's
+/// backend error is kept as.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -115,6 +115,12 @@ impl ProblemKind {
             Self::StoreUnavailable => "Idempotency store unavailable",
         }
     }
+
+    /// Whether the answer carries `Retry-After`: only the problems that
+    /// tell the client to come back with the same request.
+    pub const fn carries_retry_after(self) -> bool {
+        matches!(self, Self::InFlight | Self::StoreUnavailable)
+    }
 }
 
 impl ProblemKind {
@@ -131,12 +137,13 @@ impl ProblemKind {
     ];
 }
 
+/// The detail of a 503 for a store that refuses new keys, as distinct from
+/// one that cannot be reached.
+const STORE_FULL: &str =
+    "The idempotency store is full. The request was not processed; retry later.";
+
 /// What the client should know and do, for the limits in force.
-pub(crate) fn default_detail(
-    kind: ProblemKind,
-    body_limit: usize,
-    body_timeout: Duration,
-) -> String {
+fn default_detail(kind: ProblemKind, body_limit: usize, body_timeout: Duration) -> String {
     match kind {
         ProblemKind::MissingKey => "This endpoint requires an Idempotency-Key header: send a unique value, such as a UUID, and reuse it for retries of the same request.".to_owned(),
         ProblemKind::InvalidKey => KEY_RULES.to_owned(),
@@ -151,7 +158,7 @@ pub(crate) fn default_detail(
 }
 
 /// How a valid key looks, for the detail of an invalid one.
-pub(crate) const KEY_RULES: &str =
+const KEY_RULES: &str =
     "A key is 1 to 255 visible ASCII characters, sent once, bare or as a quoted string.";
 
 #[derive(serde::Serialize)]
@@ -164,7 +171,7 @@ struct Document<'a> {
 }
 
 /// The problem document for `kind`, as JSON.
-pub(crate) fn document(base: &str, kind: ProblemKind, detail: &str) -> Bytes {
+fn document(base: &str, kind: ProblemKind, detail: &str) -> Bytes {
     let doc = Document {
         kind: format!("{base}{}", kind.slug()),
         title: kind.title(),
@@ -174,22 +181,131 @@ pub(crate) fn document(base: &str, kind: ProblemKind, detail: &str) -> Bytes {
     Bytes::from(serde_json::to_vec(&doc).expect("a problem document always serializes"))
 }
 
-/// A problem response with `body`, a document made by [`document`].
-pub(crate) fn response(
-    kind: ProblemKind,
-    body: Bytes,
-    retry_after: Option<Duration>,
-) -> Response<Bytes> {
-    let mut response = Response::new(body);
-    *response.status_mut() = kind.status();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, PROBLEM_JSON);
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    if let Some(after) = retry_after {
-        headers.insert(
-            header::RETRY_AFTER,
-            HeaderValue::from(after.as_secs().max(1)),
-        );
+/// Every problem response one service answers with. The documents with a
+/// fixed detail are made once, when the service is built, so answering
+/// with one costs a reference count.
+#[derive(Debug)]
+pub(crate) struct Problems {
+    base: Box<str>,
+    retry_after: HeaderValue,
+    /// Indexed by `kind as usize`, each filled from its own kind.
+    documents: Box<[Bytes]>,
+    store_full: Bytes,
+}
+
+impl Problems {
+    pub(crate) fn new(
+        base: &str,
+        body_limit: usize,
+        body_timeout: Duration,
+        retry_after: Duration,
+    ) -> Self {
+        let mut documents = vec![Bytes::new(); ProblemKind::ALL.len()];
+        for kind in ProblemKind::ALL {
+            let detail = default_detail(kind, body_limit, body_timeout);
+            documents[kind as usize] = document(base, kind, &detail);
+        }
+        Self {
+            base: base.into(),
+            retry_after: HeaderValue::from(retry_after.as_secs().max(1)),
+            documents: documents.into_boxed_slice(),
+            store_full: document(base, ProblemKind::StoreUnavailable, STORE_FULL),
+        }
     }
-    response
+
+    /// The response for `kind`, with its default detail.
+    pub(crate) fn response(&self, kind: ProblemKind) -> Response<Bytes> {
+        self.respond(kind, self.documents[kind as usize].clone())
+    }
+
+    /// The 400 for a key header refused for `reason`.
+    pub(crate) fn invalid_key(&self, reason: &dyn std::fmt::Display) -> Response<Bytes> {
+        let detail = format!("{reason}. {KEY_RULES}");
+        let kind = ProblemKind::InvalidKey;
+        self.respond(kind, document(&self.base, kind, &detail))
+    }
+
+    /// The 503 for a store that refuses new keys.
+    pub(crate) fn store_full(&self) -> Response<Bytes> {
+        self.respond(ProblemKind::StoreUnavailable, self.store_full.clone())
+    }
+
+    fn respond(&self, kind: ProblemKind, body: Bytes) -> Response<Bytes> {
+        let mut response = Response::new(body);
+        *response.status_mut() = kind.status();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, PROBLEM_JSON);
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if kind.carries_retry_after() {
+            headers.insert(header::RETRY_AFTER, self.retry_after.clone());
+        }
+        response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn problems() -> Problems {
+        Problems::new(
+            "https://example.com/problems#",
+            1024,
+            Duration::from_secs(30),
+            Duration::from_secs(2),
+        )
+    }
+
+    fn json(response: &Response<Bytes>) -> serde_json::Value {
+        serde_json::from_slice(response.body()).expect("a problem document is JSON")
+    }
+
+    #[test]
+    fn every_kind_answers_with_its_own_document() {
+        let problems = problems();
+        for kind in ProblemKind::ALL {
+            let response = problems.response(kind);
+            let doc = json(&response);
+            assert_eq!(response.status(), kind.status(), "{kind:?}");
+            assert_eq!(
+                doc["type"],
+                format!("https://example.com/problems#{}", kind.slug())
+            );
+            assert_eq!(doc["title"], kind.title(), "{kind:?}");
+            assert_eq!(doc["status"], kind.status().as_u16(), "{kind:?}");
+            assert_eq!(response.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        }
+    }
+
+    #[test]
+    fn only_problems_that_ask_for_a_retry_carry_retry_after() {
+        let problems = problems();
+        for kind in ProblemKind::ALL {
+            let response = problems.response(kind);
+            assert_eq!(
+                response
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .map(|v| v.to_str().unwrap()),
+                kind.carries_retry_after().then_some("2"),
+                "{kind:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_store_says_so_in_a_503() {
+        let response = problems().store_full();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(json(&response)["detail"], STORE_FULL);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+
+    #[test]
+    fn an_invalid_key_detail_names_the_reason_and_the_rules() {
+        let response = problems().invalid_key(&"the Idempotency-Key header is empty");
+        let detail = json(&response)["detail"].as_str().unwrap().to_owned();
+        assert!(detail.starts_with("the Idempotency-Key header is empty. "));
+        assert!(detail.ends_with(KEY_RULES));
+    }
 }

@@ -10,13 +10,13 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::{
-    body::{RequestBody, ResponseBody},
-    flow::{self, Shared},
+    body::{whole, RequestBody, ResponseBody},
     future::ResponseFuture,
     key::{key_in, RecordKey},
+    keyed::{decide, shared::Shared},
     metrics::Decision,
-    problem::{ProblemKind, KEY_RULES},
-    store::BoxError,
+    problem::ProblemKind,
+    BoxError,
 };
 
 /// Middleware that runs each request with an `Idempotency-Key` once and
@@ -99,19 +99,20 @@ where
             }
             Ok(None) => {
                 shared.metrics.record(Decision::Rejected);
-                return ResponseFuture::ready(shared.problem(ProblemKind::MissingKey));
+                return ResponseFuture::ready(whole(
+                    shared.problems.response(ProblemKind::MissingKey),
+                ));
             }
             Err(err) => {
                 shared.metrics.record(Decision::Rejected);
-                let detail = format!("{err}. {KEY_RULES}");
-                return ResponseFuture::ready(
-                    shared.problem_with(ProblemKind::InvalidKey, &detail),
-                );
+                return ResponseFuture::ready(whole(shared.problems.invalid_key(&err)));
             }
         };
         if declared_length(&parts.headers).is_some_and(|len| len > config.body_limit as u64) {
             shared.metrics.record(Decision::Rejected);
-            return ResponseFuture::ready(shared.problem(ProblemKind::BodyTooLarge));
+            return ResponseFuture::ready(whole(
+                shared.problems.response(ProblemKind::BodyTooLarge),
+            ));
         }
         let span = tracing::debug_span!(
             "idempotency",
@@ -121,7 +122,7 @@ where
         let clone = self.inner.clone();
         let inner = mem::replace(&mut self.inner, clone);
         ResponseFuture::keyed(Box::pin(
-            flow::run(Arc::clone(shared), inner, parts, body, record).instrument(span),
+            decide::run(Arc::clone(shared), inner, parts, body, record).instrument(span),
         ))
     }
 }

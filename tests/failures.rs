@@ -22,7 +22,7 @@ use tower::{service_fn, ServiceExt};
 use tower_idempotency::{
     body::RequestBody,
     key::{Fingerprint, RecordKey},
-    store::{Begin, LockToken, MemoryStore, Outcome, StoreError},
+    store::{BeginOutcome, Completion, LockToken, MemoryStore, StoreError},
     ClientDisconnect, IdempotencyLayer, Store, StoreFailure,
 };
 
@@ -39,14 +39,14 @@ impl Store for DeadStore {
         _: &RecordKey,
         _: &Fingerprint,
         _: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         Err(StoreError::backend("connection refused"))
     }
     async fn complete(
         &self,
         _: &RecordKey,
         _: LockToken,
-        _: Outcome,
+        _: Completion,
         _: Duration,
     ) -> Result<(), StoreError> {
         Err(StoreError::backend("connection refused"))
@@ -75,14 +75,14 @@ impl Store for SlowToComplete {
         key: &RecordKey,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         self.store.begin(key, fingerprint, lease).await
     }
     async fn complete(
         &self,
         key: &RecordKey,
         token: LockToken,
-        outcome: Outcome,
+        outcome: Completion,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         self.started.notify_one();

@@ -500,7 +500,9 @@ async fn key_is_new_again_after_the_ttl() {
 
 #[tokio::test(start_paused = true)]
 async fn memory_store_frees_expired_records_without_access() {
-    let store = MemoryStore::new().with_sweep_interval(Duration::from_secs(10));
+    let store = MemoryStore::builder()
+        .with_sweep_interval(Duration::from_secs(10))
+        .build();
     let counter = Counter::default();
     let svc = app(
         &IdempotencyLayer::new(store.clone()).with_ttl(Duration::from_secs(30)),
@@ -518,7 +520,9 @@ async fn memory_store_frees_expired_records_without_access() {
 
 #[tokio::test]
 async fn full_memory_store_answers_503_for_new_keys_and_keeps_old_ones() {
-    let store = MemoryStore::new().with_limits(MemoryLimits::new(2, 1024 * 1024));
+    let store = MemoryStore::builder()
+        .with_limits(MemoryLimits::new(2, 1024 * 1024))
+        .build();
     let counter = Counter::default();
     let svc = app(
         &IdempotencyLayer::new(store),

@@ -13,7 +13,7 @@ use proptest::prelude::*;
 use tower::ServiceExt;
 use tower_idempotency::{
     key::{parse_key, Fingerprint, KeyError, RecordKey},
-    store::{Begin, LockToken, MemoryStore, Outcome, StoreError, StoredResponse},
+    store::{BeginOutcome, Completion, LockToken, MemoryStore, StoreError, StoredResponse},
     IdempotencyLayer, Store,
 };
 
@@ -199,23 +199,23 @@ proptest! {
                         let lapsed = matches!(model.get(&key), Some(Model::InFlight { until, .. }) if *until <= now);
                         let free = lapsed || !model.contains_key(&key);
                         match (model.get(&key), got) {
-                            (_, Begin::Acquired(token)) if free => {
+                            (_, BeginOutcome::Acquired(token)) if free => {
                                 tokens.entry(key).or_default().push(token);
                                 model.insert(key, Model::InFlight { fingerprint, token, until: now + LEASE });
                             }
-                            (Some(Model::InFlight { fingerprint: f, .. }), Begin::InFlight) if *f == fingerprint && !lapsed => {}
-                            (Some(Model::InFlight { fingerprint: f, .. }), Begin::Mismatch) if *f != fingerprint && !lapsed => {}
-                            (Some(Model::Completed { fingerprint: f, .. }), Begin::Mismatch) if *f != fingerprint => {}
-                            (Some(Model::Completed { fingerprint: f, replayable: true, .. }), Begin::Completed(stored)) if *f == fingerprint => {
-                                assert_eq!(*stored, response);
+                            (Some(Model::InFlight { fingerprint: f, .. }), BeginOutcome::InFlight) if *f == fingerprint && !lapsed => {}
+                            (Some(Model::InFlight { fingerprint: f, .. }), BeginOutcome::Mismatch) if *f != fingerprint && !lapsed => {}
+                            (Some(Model::Completed { fingerprint: f, .. }), BeginOutcome::Mismatch) if *f != fingerprint => {}
+                            (Some(Model::Completed { fingerprint: f, replayable: true, .. }), BeginOutcome::Completed(stored)) if *f == fingerprint => {
+                                assert_eq!(stored, response.encode());
                             }
-                            (Some(Model::Completed { fingerprint: f, replayable: false, .. }), Begin::NotReplayable) if *f == fingerprint => {}
+                            (Some(Model::Completed { fingerprint: f, replayable: false, .. }), BeginOutcome::NotReplayable) if *f == fingerprint => {}
                             (expected, got) => panic!("begin({key}, {fingerprint}) at {now}: model {expected:?}, store {got:?}"),
                         }
                     }
                     Op::Complete { key, holder, replayable } => {
                         let Some(token) = pick(&tokens, key, holder) else { continue };
-                        let outcome = if replayable { Outcome::Response(response.encode()) } else { Outcome::NotReplayable };
+                        let outcome = if replayable { Completion::Response(response.encode()) } else { Completion::NotReplayable };
                         let got = store.complete(&record_key(key), token, outcome, Duration::from_millis(TTL)).await;
                         let holds = holds(&model, key, token);
                         assert_eq!(got.is_ok(), holds, "complete({key}) at {now}: {got:?}");

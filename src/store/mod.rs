@@ -22,7 +22,10 @@ use std::{fmt, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use crate::key::{Fingerprint, RecordKey};
+use crate::{
+    key::{Fingerprint, RecordKey},
+    BoxError,
+};
 
 mod memory;
 mod record;
@@ -32,29 +35,30 @@ mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 
-pub use memory::{MemoryLimits, MemoryStore};
+pub use memory::{MemoryLimits, MemoryStore, MemoryStoreBuilder};
 pub(crate) use record::encode_chunks;
 pub use record::{encode_parts, DecodeError, StoredResponse};
 
 #[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use postgres::PostgresStore;
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::RedisStore;
-
-/// A boxed error from a store's backend.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What [`Store::begin`] found for a key.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub enum Begin {
+pub enum BeginOutcome {
     /// The key was free (or its lease had run out): the caller now holds the
     /// lock and must `complete` or `release` it with this token.
     Acquired(LockToken),
     /// Another request with the same fingerprint holds the lock.
     InFlight,
-    /// The request completed before; here is its response.
-    Completed(Arc<StoredResponse>),
+    /// The request completed before; here is its response, exactly the
+    /// bytes [`Completion::Response`] handed to [`Store::complete`]. The
+    /// layer decodes them, so a store never has to.
+    Completed(Bytes),
     /// The request completed before, but its response was not kept (it was
     /// larger than the capture limit or the store's room).
     NotReplayable,
@@ -63,12 +67,15 @@ pub enum Begin {
 }
 
 /// What [`Store::complete`] records for a key.
+///
+/// Every store matches on it, so it is exhaustive: a new variant would be a
+/// breaking change, never a silent gap in a store's `match`.
 #[derive(Debug, Clone)]
-#[non_exhaustive]
-pub enum Outcome {
+pub enum Completion {
     /// The response to replay, encoded as [`StoredResponse::encode`] and
-    /// [`encode_parts`] write it: keep the bytes as they are and read them
-    /// back with [`StoredResponse::decode`].
+    /// [`encode_parts`] write it: keep the bytes as they are and hand them
+    /// back in [`BeginOutcome::Completed`]. Both directions carry the same
+    /// opaque bytes, so a store keeps a response without decoding it.
     Response(Bytes),
     /// The request ran, but its response cannot be replayed.
     NotReplayable,
@@ -157,27 +164,27 @@ impl StoreError {
 /// Implement it for your own backend; run the conformance suite (feature
 /// `conformance`, [`store_conformance_tests!`](crate::store_conformance_tests))
 /// against it. Every method must be a single atomic step: two requests racing
-/// on one key must never both see [`Begin::Acquired`] while a lease is live.
+/// on one key must never both see [`BeginOutcome::Acquired`] while a lease is live.
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// Looks the key up and, if it is free or its lease has run out, locks
     /// it for `lease` with a new token, in one atomic step.
     ///
     /// A key held or completed with another fingerprint answers
-    /// [`Begin::Mismatch`].
+    /// [`BeginOutcome::Mismatch`].
     async fn begin(
         &self,
         key: &RecordKey,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> Result<Begin, StoreError>;
+    ) -> Result<BeginOutcome, StoreError>;
 
     /// Records the outcome for a key this token holds, kept for `ttl`.
     async fn complete(
         &self,
         key: &RecordKey,
         token: LockToken,
-        outcome: Outcome,
+        outcome: Completion,
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
@@ -200,7 +207,7 @@ impl<T: Store + ?Sized> Store for Arc<T> {
         key: &RecordKey,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         (**self).begin(key, fingerprint, lease).await
     }
 
@@ -208,7 +215,7 @@ impl<T: Store + ?Sized> Store for Arc<T> {
         &self,
         key: &RecordKey,
         token: LockToken,
-        outcome: Outcome,
+        outcome: Completion,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         (**self).complete(key, token, outcome, ttl).await

@@ -2,13 +2,9 @@ use std::{fmt, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use http::StatusCode;
 use sqlx::{PgPool, Row};
 
-use super::{
-    record::{decode_headers, encode_headers},
-    Begin, DecodeError, LockToken, Outcome, Store, StoreError, StoredResponse,
-};
+use super::{BeginOutcome, Completion, DecodeError, LockToken, Store, StoreError};
 use crate::key::{Fingerprint, RecordKey};
 
 const IN_FLIGHT: i16 = 0;
@@ -65,26 +61,22 @@ impl Statements {
                     ON CONFLICT (key) DO UPDATE SET
                         fingerprint = EXCLUDED.fingerprint, state = {IN_FLIGHT},
                         token = EXCLUDED.token, lease_until = EXCLUDED.lease_until,
-                        expires_at = EXCLUDED.expires_at,
-                        status = NULL, headers = NULL, trailers = NULL, body = NULL
+                        expires_at = EXCLUDED.expires_at, response = NULL
                     WHERE r.expires_at <= now()
                     RETURNING 1
                 )
                 SELECT TRUE AS acquired, NULL::bytea AS fingerprint, NULL::smallint AS state,
-                       NULL::smallint AS status, NULL::bytea AS headers,
-                       NULL::bytea AS trailers, NULL::bytea AS body
+                       NULL::bytea AS response
                 FROM acquired
                 UNION ALL
-                SELECT FALSE, fingerprint, state, status,
-                       CASE WHEN fingerprint = $2 THEN headers END,
-                       CASE WHEN fingerprint = $2 THEN trailers END,
-                       CASE WHEN fingerprint = $2 THEN body END
+                SELECT FALSE, fingerprint, state,
+                       CASE WHEN fingerprint = $2 THEN response END
                 FROM {t}
                 WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM acquired)"
             ),
             complete: format!(
-                "UPDATE {t} SET state = $3, status = $4, headers = $5, trailers = $6, body = $7,
-                        lease_until = NULL, expires_at = now() + $8 * interval '1 millisecond'
+                "UPDATE {t} SET state = $3, response = $4,
+                        lease_until = NULL, expires_at = now() + $5 * interval '1 millisecond'
                  WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}"
             ),
             release: format!(
@@ -151,10 +143,7 @@ impl PostgresStore {
     state       SMALLINT NOT NULL,
     token       BYTEA NOT NULL,
     lease_until TIMESTAMPTZ,
-    status      SMALLINT,
-    headers     BYTEA,
-    trailers    BYTEA,
-    body        BYTEA,
+    response    BYTEA,
     expires_at  TIMESTAMPTZ NOT NULL
 );
 CREATE INDEX IF NOT EXISTS {index}_expires_at ON {t} (expires_at);
@@ -222,26 +211,6 @@ fn token_bytes(token: LockToken) -> [u8; 16] {
     token.as_u128().to_be_bytes()
 }
 
-fn stored(row: &sqlx::postgres::PgRow) -> Result<StoredResponse, StoreError> {
-    let get = |column: &str| -> Result<Option<Vec<u8>>, StoreError> {
-        row.try_get(column).map_err(StoreError::backend)
-    };
-    let status: Option<i16> = row.try_get("status").map_err(StoreError::backend)?;
-    let status = status
-        .and_then(|s| u16::try_from(s).ok())
-        .and_then(|s| StatusCode::from_u16(s).ok())
-        .ok_or(DecodeError("invalid status code"))?;
-    let headers = decode_headers(get("headers")?.unwrap_or_default())?;
-    let trailers = get("trailers")?.map(decode_headers).transpose()?;
-    let body = Bytes::from(get("body")?.unwrap_or_default());
-    Ok(StoredResponse {
-        status,
-        headers,
-        body,
-        trailers,
-    })
-}
-
 #[async_trait]
 impl Store for PostgresStore {
     async fn begin(
@@ -249,7 +218,7 @@ impl Store for PostgresStore {
         key: &RecordKey,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         let token = LockToken::random();
         // A row committed by a racing insert after this statement's snapshot
         // blocks the insert yet is invisible to the select; the next attempt
@@ -268,51 +237,42 @@ impl Store for PostgresStore {
                 .try_get::<bool, _>("acquired")
                 .map_err(StoreError::backend)?
             {
-                return Ok(Begin::Acquired(token));
+                return Ok(BeginOutcome::Acquired(token));
             }
             let found: Vec<u8> = row.try_get("fingerprint").map_err(StoreError::backend)?;
             if found != fingerprint.as_bytes() {
-                return Ok(Begin::Mismatch);
+                return Ok(BeginOutcome::Mismatch);
             }
             let state: i16 = row.try_get("state").map_err(StoreError::backend)?;
             return Ok(match state {
-                IN_FLIGHT => Begin::InFlight,
-                COMPLETED => Begin::Completed(Arc::new(stored(&row)?)),
-                NOT_REPLAYABLE => Begin::NotReplayable,
+                IN_FLIGHT => BeginOutcome::InFlight,
+                COMPLETED => BeginOutcome::Completed(Bytes::from(
+                    row.try_get::<Vec<u8>, _>("response")
+                        .map_err(StoreError::backend)?,
+                )),
+                NOT_REPLAYABLE => BeginOutcome::NotReplayable,
                 _ => return Err(DecodeError("unknown record state").into()),
             });
         }
-        Ok(Begin::InFlight)
+        Ok(BeginOutcome::InFlight)
     }
 
     async fn complete(
         &self,
         key: &RecordKey,
         token: LockToken,
-        outcome: Outcome,
+        outcome: Completion,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let token = token_bytes(token);
         let query = sqlx::query(&self.sql.complete)
             .bind(&key.as_bytes()[..])
             .bind(&token[..]);
+        // The record is kept as the layer encoded it, and handed back as
+        // it is: neither direction decodes it.
         let query = match outcome {
-            Outcome::Response(record) => {
-                // Kept in columns, for operators reading the table.
-                let response = StoredResponse::decode(record)?;
-                query
-                    .bind(COMPLETED)
-                    .bind(response.status.as_u16() as i16)
-                    .bind(encode_headers(&response.headers))
-                    .bind(response.trailers.as_ref().map(encode_headers))
-                    .bind(response.body.to_vec())
-            }
-            Outcome::NotReplayable => query
-                .bind(NOT_REPLAYABLE)
-                .bind(None::<i16>)
-                .bind(None::<Vec<u8>>)
-                .bind(None::<Vec<u8>>)
-                .bind(None::<Vec<u8>>),
+            Completion::Response(record) => query.bind(COMPLETED).bind(record.to_vec()),
+            Completion::NotReplayable => query.bind(NOT_REPLAYABLE).bind(None::<Vec<u8>>),
         };
         self.held(query.bind(millis(ttl))).await
     }

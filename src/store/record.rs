@@ -174,36 +174,12 @@ pub(crate) fn encode_chunks<C: AsRef<[u8]>>(
     out.freeze()
 }
 
-/// Encodes a header map on its own, for stores that keep columns.
-#[cfg(feature = "postgres")]
-pub(crate) fn encode_headers(map: &HeaderMap) -> Vec<u8> {
-    let mut out = BytesMut::new();
-    put_map(&mut out, map);
-    out.to_vec()
-}
-
-/// Decodes what [`encode_headers`] wrote.
-#[cfg(feature = "postgres")]
-pub(crate) fn decode_headers(bytes: Vec<u8>) -> Result<HeaderMap, DecodeError> {
-    let mut bytes = Bytes::from(bytes);
-    let map = take_map(&mut bytes)?;
-    if !bytes.is_empty() {
-        return Err(DecodeError("trailing bytes after headers"));
-    }
-    Ok(map)
-}
-
 /// A stored record could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct DecodeError(pub(crate) &'static str);
 
 const MAGIC: &[u8] = b"TIR1";
-
-#[cfg(feature = "postgres")]
-fn put_map(out: &mut BytesMut, map: &HeaderMap) {
-    put_fields(out, map.len(), map.iter());
-}
 
 fn put_fields<'a>(
     out: &mut BytesMut,

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{aio::ConnectionManager, Script};
 
-use super::{Begin, LockToken, Outcome, Store, StoreError, StoredResponse};
+use super::{BeginOutcome, Completion, LockToken, Store, StoreError};
 use crate::key::{Fingerprint, RecordKey};
 
 /// Each record is one hash: `f` fingerprint, `s` state (`i` in flight, `c`
@@ -162,7 +162,7 @@ impl Store for RedisStore {
         key: &RecordKey,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         let token = LockToken::random();
         let (state, response): (String, Vec<u8>) = self
             .scripts
@@ -175,11 +175,11 @@ impl Store for RedisStore {
             .await
             .map_err(StoreError::backend)?;
         Ok(match state.as_str() {
-            "acquired" => Begin::Acquired(token),
-            "mismatch" => Begin::Mismatch,
-            "in_flight" => Begin::InFlight,
-            "not_replayable" => Begin::NotReplayable,
-            "completed" => Begin::Completed(StoredResponse::decode(Bytes::from(response))?.into()),
+            "acquired" => BeginOutcome::Acquired(token),
+            "mismatch" => BeginOutcome::Mismatch,
+            "in_flight" => BeginOutcome::InFlight,
+            "not_replayable" => BeginOutcome::NotReplayable,
+            "completed" => BeginOutcome::Completed(Bytes::from(response)),
             other => {
                 return Err(StoreError::backend(format!(
                     "unexpected answer {other:?} from the begin script"
@@ -192,12 +192,12 @@ impl Store for RedisStore {
         &self,
         key: &RecordKey,
         token: LockToken,
-        outcome: Outcome,
+        outcome: Completion,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let (state, record) = match outcome {
-            Outcome::Response(record) => ("c", record),
-            Outcome::NotReplayable => ("n", Bytes::new()),
+            Completion::Response(record) => ("c", record),
+            Completion::NotReplayable => ("n", Bytes::new()),
         };
         self.held(&self.scripts.complete, key, |script| {
             script

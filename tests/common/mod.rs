@@ -82,13 +82,13 @@ impl Counter {
 pub trait RequestBodyBound:
     http_body::Body<Data = Bytes, Error = Self::E> + Send + Unpin + 'static
 {
-    type E: Into<tower_idempotency::store::BoxError> + Send;
+    type E: Into<tower_idempotency::BoxError> + Send;
 }
 
 impl<B> RequestBodyBound for B
 where
     B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
-    B::Error: Into<tower_idempotency::store::BoxError> + Send,
+    B::Error: Into<tower_idempotency::BoxError> + Send,
 {
     type E = B::Error;
 }

@@ -1,6 +1,5 @@
 use std::{
     fmt,
-    hash::{BuildHasher, Hasher},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Weak,
@@ -13,43 +12,14 @@ use bytes::Bytes;
 use dashmap::{mapref::entry::Entry as MapEntry, DashMap};
 use tokio::time::Instant;
 
-use super::{Begin, LockToken, Outcome, Store, StoreError, StoredResponse};
+use self::seeded::Seeded;
+use super::{BeginOutcome, Completion, LockToken, Store, StoreError};
 use crate::key::{Fingerprint, RecordKey};
 
-/// Bounds on what a [`MemoryStore`] holds.
-///
-/// When the store is full, a new key is refused with [`StoreError::Full`]
-/// (the layer answers 503) and nothing already stored is evicted early: an
-/// evicted record would let a retry run the request a second time. A
-/// response that does not fit in the byte budget is recorded as not
-/// replayable, so its retry is refused rather than executed again.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct MemoryLimits {
-    /// Records held at once, in flight or completed. Default 1,000,000.
-    pub max_entries: usize,
-    /// Bytes of stored responses (body, headers, trailers). Default 512 MiB.
-    pub max_bytes: usize,
-}
+mod limits;
+mod seeded;
 
-impl Default for MemoryLimits {
-    fn default() -> Self {
-        Self {
-            max_entries: 1_000_000,
-            max_bytes: 512 * 1024 * 1024,
-        }
-    }
-}
-
-impl MemoryLimits {
-    /// Limits with the given entry and byte bounds.
-    pub const fn new(max_entries: usize, max_bytes: usize) -> Self {
-        Self {
-            max_entries,
-            max_bytes,
-        }
-    }
-}
+pub use limits::{MemoryLimits, MemoryStoreBuilder};
 
 /// The default store: a sharded concurrent map in this process's memory.
 ///
@@ -59,13 +29,18 @@ impl MemoryLimits {
 /// started on first use inside a Tokio runtime and stopped when the last
 /// clone of the store is dropped.
 ///
+/// Its settings are made with [`MemoryStore::builder`] before the store
+/// exists, so they can never be applied to a store already in use: every
+/// clone of a `MemoryStore` is the same store.
+///
 /// ```
 /// use std::time::Duration;
 /// use tower_idempotency::store::{MemoryLimits, MemoryStore};
 ///
-/// let store = MemoryStore::new()
+/// let store = MemoryStore::builder()
 ///     .with_limits(MemoryLimits::new(10_000, 64 * 1024 * 1024))
-///     .with_sweep_interval(Duration::from_secs(30));
+///     .with_sweep_interval(Duration::from_secs(30))
+///     .build();
 /// assert_eq!(store.len(), 0);
 /// ```
 #[derive(Clone)]
@@ -137,7 +112,12 @@ impl fmt::Debug for MemoryStore {
 impl MemoryStore {
     /// An empty store with [`MemoryLimits::default`] and a 60 s sweep.
     pub fn new() -> Self {
-        Self::build(MemoryLimits::default(), Duration::from_secs(60))
+        Self::builder().build()
+    }
+
+    /// Settings for a new store, applied by [`MemoryStoreBuilder::build`].
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder::new()
     }
 
     fn build(limits: MemoryLimits, sweep_interval: Duration) -> Self {
@@ -154,18 +134,6 @@ impl MemoryStore {
                 sweeper_started: AtomicBool::new(false),
             }),
         }
-    }
-
-    /// Sets the capacity bounds.
-    #[must_use]
-    pub fn with_limits(self, limits: MemoryLimits) -> Self {
-        Self::build(limits, self.inner.sweep_interval)
-    }
-
-    /// Sets how often expired records are freed.
-    #[must_use]
-    pub fn with_sweep_interval(self, interval: Duration) -> Self {
-        Self::build(self.inner.limits, interval.max(Duration::from_millis(1)))
     }
 
     /// Records held now, expired ones not yet swept included.
@@ -256,7 +224,7 @@ impl Store for MemoryStore {
         key: &RecordKey,
         fingerprint: &Fingerprint,
         lease: Duration,
-    ) -> Result<Begin, StoreError> {
+    ) -> Result<BeginOutcome, StoreError> {
         self.ensure_sweeper();
         let inner = &self.inner;
         let now = inner.now();
@@ -267,7 +235,7 @@ impl Store for MemoryStore {
             expires_at: now + millis(lease),
             state: State::InFlight(token_words(token)),
         };
-        let record = match inner.map.entry(*key) {
+        match inner.map.entry(*key) {
             MapEntry::Occupied(mut occupied) => {
                 let entry = occupied.get_mut();
                 if entry.expires_at <= now {
@@ -276,16 +244,19 @@ impl Store for MemoryStore {
                     }
                     let token = LockToken::random();
                     *entry = fresh(token);
-                    return Ok(Begin::Acquired(token));
+                    return Ok(BeginOutcome::Acquired(token));
                 }
                 if entry.fingerprint != fingerprint {
-                    return Ok(Begin::Mismatch);
+                    return Ok(BeginOutcome::Mismatch);
                 }
-                match &entry.state {
-                    State::InFlight(_) => return Ok(Begin::InFlight),
-                    State::Completed(record) => record.clone(),
-                    State::NotReplayable => return Ok(Begin::NotReplayable),
-                }
+                // Only a clone of the record's handle is made under the
+                // shard's lock: the layer decodes it once the lock is gone,
+                // so replays of one hot key hold it as briefly as they can.
+                Ok(match &entry.state {
+                    State::InFlight(_) => BeginOutcome::InFlight,
+                    State::Completed(record) => BeginOutcome::Completed(record.clone()),
+                    State::NotReplayable => BeginOutcome::NotReplayable,
+                })
             }
             MapEntry::Vacant(vacant) => {
                 let admitted = inner
@@ -300,25 +271,22 @@ impl Store for MemoryStore {
                 }
                 let token = LockToken::random();
                 vacant.insert(fresh(token));
-                return Ok(Begin::Acquired(token));
+                Ok(BeginOutcome::Acquired(token))
             }
-        };
-        // Decoded once the shard's lock is let go: replays of one hot key
-        // then hold it only long enough to clone the record.
-        Ok(Begin::Completed(Arc::new(StoredResponse::decode(record)?)))
+        }
     }
 
     async fn complete(
         &self,
         key: &RecordKey,
         token: LockToken,
-        outcome: Outcome,
+        outcome: Completion,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let mut entry = self.held(key, token)?;
         entry.expires_at = self.inner.now() + millis(ttl);
         entry.state = match outcome {
-            Outcome::Response(record) => {
+            Completion::Response(record) => {
                 let size = record.len();
                 if self.inner.reserve_bytes(size) {
                     State::Completed(record)
@@ -330,7 +298,7 @@ impl Store for MemoryStore {
                     State::NotReplayable
                 }
             }
-            Outcome::NotReplayable => State::NotReplayable,
+            Completion::NotReplayable => State::NotReplayable,
         };
         Ok(())
     }
@@ -377,90 +345,6 @@ impl MemoryStore {
     }
 }
 
-/// Hashes record keys with seeds drawn per store. Record keys are digests
-/// of client-chosen keys, so an unseeded hash of them would let a client
-/// grind keys into one bucket; here every word of a key passes through a
-/// multiply by a secret, so which keys share a bucket cannot be known
-/// without the seeds. Cheaper than the default SipHash on 32 bytes.
-#[derive(Clone)]
-struct Seeded([u64; 4]);
-
-impl Seeded {
-    fn new() -> Self {
-        let random = std::collections::hash_map::RandomState::new();
-        Self(std::array::from_fn(|i| random.hash_one(i)))
-    }
-}
-
-impl BuildHasher for Seeded {
-    type Hasher = SeededHasher;
-
-    fn build_hasher(&self) -> SeededHasher {
-        SeededHasher {
-            seeds: self.0,
-            state: self.0[3],
-        }
-    }
-}
-
-struct SeededHasher {
-    seeds: [u64; 4],
-    state: u64,
-}
-
-/// The high and low halves of a full 64×64-bit product, folded.
-fn fold(a: u64, b: u64) -> u64 {
-    let product = u128::from(a) * u128::from(b);
-    (product as u64) ^ ((product >> 64) as u64)
-}
-
-impl Hasher for SeededHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        for pair in bytes.chunks(16) {
-            let mut words = [0u8; 16];
-            words[..pair.len()].copy_from_slice(pair);
-            let [a, b] = [&words[..8], &words[8..]]
-                .map(|w| u64::from_le_bytes(w.try_into().unwrap_or_default()));
-            self.state = fold(a ^ self.seeds[0] ^ self.state, b ^ self.seeds[1]);
-        }
-    }
-
-    fn write_usize(&mut self, n: usize) {
-        self.state = fold(self.state ^ n as u64 ^ self.seeds[2], self.seeds[1]);
-    }
-
-    fn finish(&self) -> u64 {
-        fold(self.state ^ self.seeds[2], self.seeds[3])
-    }
-}
-
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn record_keys_hash_differently_under_different_seeds() {
-        let key = RecordKey::from_bytes([7; 32]);
-        let (one, two) = (Seeded::new(), Seeded::new());
-        assert_ne!(one.hash_one(key), two.hash_one(key));
-    }
-
-    #[test]
-    fn every_byte_of_a_record_key_reaches_its_hash() {
-        let seeded = Seeded::new();
-        let base = seeded.hash_one(RecordKey::from_bytes([0; 32]));
-        for i in 0..32 {
-            let mut bytes = [0; 32];
-            bytes[i] = 1;
-            assert_ne!(
-                seeded.hash_one(RecordKey::from_bytes(bytes)),
-                base,
-                "byte {i}"
-            );
-        }
-    }
 }

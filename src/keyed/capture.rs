@@ -1,0 +1,210 @@
+//! The response body of a first use, streamed to the client while a copy
+//! is kept for the store.
+
+use std::{
+    collections::VecDeque,
+    future::Future,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
+
+use bytes::{Buf, Bytes};
+use http_body::{Body, Frame, SizeHint};
+
+use super::{
+    background::{finish_in_background, StoreWrite},
+    copy::ResponseCopy,
+    lock::LockGuard,
+};
+use crate::BoxError;
+
+/// The handler's body with its copy and its lock. Its end completes the
+/// key, its failure releases it; dropped before either (the client hung
+/// up), it hands the rest of the stream to a task, or, to cancel, releases
+/// the key.
+pub(crate) struct CaptureState<B> {
+    body: Option<Pin<Box<B>>>,
+    /// Frames read and copied, not yet handed to the client.
+    pub(crate) ready: VecDeque<Frame<Bytes>>,
+    copy: Option<ResponseCopy>,
+    lock: Option<LockGuard>,
+    pub(crate) write: StoreWrite,
+    error: Option<BoxError>,
+    detach: bool,
+    /// Made where the bounds are known, since `Drop` cannot ask for them.
+    finish: fn(CaptureState<B>),
+}
+
+/// Reads the rest of an abandoned body into the store. Most bodies are
+/// already whole and the memory store answers at once, so this first tries
+/// to finish on the spot, which lets a retry right after see the replay;
+/// what is still pending goes on in a task.
+fn finish_body<B>(mut rest: CaptureState<B>)
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    loop {
+        match rest.poll_frame(&mut cx) {
+            Poll::Ready(Some(_)) => {}
+            Poll::Ready(None) => return,
+            Poll::Pending => break,
+        }
+    }
+    let rest = async move {
+        while std::future::poll_fn(|cx| rest.poll_frame(cx))
+            .await
+            .is_some()
+        {}
+    };
+    // Without a runtime the rest is dropped, and its lock released.
+    let _ = finish_in_background(rest);
+}
+
+impl<B> CaptureState<B> {
+    pub(crate) fn new(body: Pin<Box<B>>, copy: ResponseCopy, lock: LockGuard, detach: bool) -> Self
+    where
+        B: Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<BoxError>,
+    {
+        Self {
+            body: Some(body),
+            ready: VecDeque::new(),
+            copy: Some(copy),
+            lock: Some(lock),
+            write: StoreWrite::default(),
+            error: None,
+            detach,
+            finish: finish_body::<B>,
+        }
+    }
+
+    pub(crate) fn is_end_stream(&self) -> bool {
+        self.body.is_none()
+            && self.ready.is_empty()
+            && !self.write.is_under_way()
+            && self.error.is_none()
+    }
+
+    /// Copies a frame read before this state existed, to be sent next.
+    pub(crate) fn accept(&mut self, frame: Option<Frame<Bytes>>) {
+        if let Some(frame) = frame {
+            if let Some(copy) = self.copy.as_mut() {
+                copy.record(&frame);
+            }
+            self.ready.push_back(frame);
+        }
+    }
+
+    /// The body failed: the key is released and the client gets the error.
+    pub(crate) fn fail(&mut self, err: BoxError) {
+        self.body = None;
+        self.error = Some(err);
+        if let Some(lock) = self.lock.take() {
+            self.write = StoreWrite::new(lock.release());
+        }
+    }
+}
+
+impl<B> CaptureState<B>
+where
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    pub(crate) fn size_hint(&self) -> SizeHint {
+        let ready: u64 = self
+            .ready
+            .iter()
+            .filter_map(Frame::data_ref)
+            .map(|data| data.len() as u64)
+            .sum();
+        let rest = self
+            .body
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), |body| body.size_hint());
+        let mut hint = SizeHint::new();
+        hint.set_lower(rest.lower() + ready);
+        if let Some(upper) = rest.upper() {
+            hint.set_upper(upper + ready);
+        }
+        hint
+    }
+
+    pub(crate) fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            if let Some(frame) = self.ready.pop_front() {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+            if self.body.is_none() {
+                // The completion or release under way, if any, lands first.
+                ready!(Pin::new(&mut self.write).poll(cx));
+                return Poll::Ready(self.error.take().map(Err));
+            }
+            if let Some(frame) = ready!(self.poll_body(cx)) {
+                return Poll::Ready(Some(Ok(frame)));
+            }
+        }
+    }
+
+    /// The next frame of the handler's body, copied. At its end (or
+    /// failure) the body is gone and the completion (or release) starts.
+    pub(crate) fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Frame<Bytes>>> {
+        let Some(body) = self.body.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let polled = body.as_mut().poll_frame(cx);
+        if polled.is_pending() {
+            if let Some(lock) = self.lock.as_mut() {
+                lock.keep_alive();
+            }
+        }
+        match ready!(polled) {
+            Some(Ok(frame)) => {
+                let frame = frame.map_data(|mut data| data.copy_to_bytes(data.remaining()));
+                if let Some(copy) = self.copy.as_mut() {
+                    copy.record(&frame);
+                }
+                Poll::Ready(Some(frame))
+            }
+            Some(Err(err)) => {
+                self.fail(err.into());
+                Poll::Ready(None)
+            }
+            None => {
+                self.body = None;
+                if let (Some(lock), Some(copy)) = (self.lock.take(), self.copy.take()) {
+                    self.write = StoreWrite::new(lock.complete(copy.finish()));
+                }
+                Poll::Ready(None)
+            }
+        }
+    }
+}
+
+impl<B> Drop for CaptureState<B> {
+    fn drop(&mut self) {
+        // A completion or release under way lands on its own when dropped.
+        if self.write.is_under_way() || !self.detach || std::thread::panicking() {
+            return;
+        }
+        let (Some(body), Some(lock)) = (self.body.take(), self.lock.take()) else {
+            return;
+        };
+        (self.finish)(CaptureState {
+            body: Some(body),
+            ready: VecDeque::new(),
+            copy: self.copy.take(),
+            lock: Some(lock),
+            write: StoreWrite::default(),
+            error: None,
+            detach: false,
+            finish: self.finish,
+        });
+    }
+}

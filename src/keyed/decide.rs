@@ -1,0 +1,160 @@
+//! The decision for a request with a key: buffer and fingerprint it, ask
+//! the store, and answer a replay or a conflict without calling the inner
+//! service.
+
+use std::{future::Future, sync::Arc, task::Poll, time::Duration};
+
+use http::{request, HeaderValue, Request, Response};
+use http_body::Body;
+use http_body_util::{LengthLimitError, Limited};
+use tokio::time::Instant;
+use tower_service::Service;
+
+use super::{first_use::first_use, lock::LockGuard, shared::Shared};
+use crate::{
+    body::{whole, Buffer, RequestBody, ResponseBody},
+    key::{Fingerprint, RecordKey, IDEMPOTENT_REPLAYED},
+    metrics::Decision,
+    policy::{InFlightPolicy, StoreFailure},
+    problem::ProblemKind,
+    store::{BeginOutcome, StoreError, StoredResponse},
+    BoxError,
+};
+
+/// What a keyed request is answered with.
+type KeyedResult<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+/// Buffers and fingerprints the request, then asks the store what to do.
+///
+/// Written as a block rather than an `async fn`, whose state would hold
+/// each argument twice, and with the call's own future boxed apart: the
+/// state stays under the size that the allocator serves from its
+/// per-thread cache.
+#[expect(
+    clippy::manual_async_fn,
+    reason = "an async fn would keep each argument twice in its state"
+)]
+pub(crate) fn run<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    parts: request::Parts,
+    body: ReqBody,
+    record: RecordKey,
+) -> impl Future<Output = KeyedResult<ResBody, S::Error>> + Send
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body + Send + 'static,
+    ReqBody::Data: Send,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
+    async move {
+        let config = &shared.config;
+        let collected = {
+            let mut buffer = std::pin::pin!(Buffer::new(Limited::new(body, config.body_limit)));
+            // Most bodies have fully arrived by now: only a body still in
+            // transit pays for a timer.
+            match std::future::poll_fn(|cx| Poll::Ready(buffer.as_mut().poll(cx))).await {
+                Poll::Ready(collected) => Ok(collected),
+                Poll::Pending => Box::pin(tokio::time::timeout(config.body_timeout, buffer)).await,
+            }
+        };
+        let body = match collected {
+            Ok(Ok(body)) => body,
+            Ok(Err(err)) if err.is::<LengthLimitError>() => {
+                return Ok(rejected(&shared, ProblemKind::BodyTooLarge));
+            }
+            Ok(Err(err)) => {
+                tracing::debug!(error = %err, "request body could not be read");
+                return Ok(rejected(&shared, ProblemKind::BodyUnreadable));
+            }
+            Err(_) => return Ok(rejected(&shared, ProblemKind::BodyTimeout)),
+        };
+        let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
+        let req = Request::from_parts(parts, RequestBody::buffered(body));
+
+        let deadline = match config.in_flight {
+            InFlightPolicy::Wait(limit) => Some(Instant::now() + limit),
+            InFlightPolicy::Reject => None,
+        };
+        let mut backoff = Duration::from_millis(5);
+        loop {
+            let begun = config
+                .store
+                .begin(&record, &fingerprint, config.lease)
+                .await;
+            let (decision, kind) = match begun {
+                Ok(BeginOutcome::Acquired(token)) => {
+                    shared.metrics.record(Decision::Executed);
+                    let lock = LockGuard::new(shared, record, token);
+                    return Box::pin(first_use(Box::pin(inner.call(req)), lock)).await;
+                }
+                Ok(BeginOutcome::Completed(record)) => match StoredResponse::decode(record) {
+                    Ok(stored) => {
+                        shared.metrics.record(Decision::Replayed);
+                        return Ok(replay(stored));
+                    }
+                    Err(err) => return store_failed(&shared, inner, req, err.into()).await,
+                },
+                Ok(BeginOutcome::InFlight) => match deadline {
+                    Some(deadline) if Instant::now() + backoff < deadline => {
+                        Box::pin(tokio::time::sleep(backoff)).await;
+                        backoff = (backoff * 2).min(Duration::from_millis(250));
+                        continue;
+                    }
+                    _ => (Decision::Conflict, ProblemKind::InFlight),
+                },
+                Ok(BeginOutcome::NotReplayable) => {
+                    (Decision::NotReplayable, ProblemKind::NotReplayable)
+                }
+                Ok(BeginOutcome::Mismatch) => (Decision::Mismatch, ProblemKind::KeyReused),
+                Err(err) => return store_failed(&shared, inner, req, err).await,
+            };
+            shared.metrics.record(decision);
+            return Ok(whole(shared.problems.response(kind)));
+        }
+    }
+}
+
+fn rejected<B>(shared: &Shared, kind: ProblemKind) -> Response<ResponseBody<B>> {
+    shared.metrics.record(Decision::Rejected);
+    whole(shared.problems.response(kind))
+}
+
+/// Answers a request whose store failed: 503, or the inner service
+/// unprotected if the layer fails open.
+async fn store_failed<S, ReqBody, ResBody>(
+    shared: &Shared,
+    mut inner: S,
+    req: Request<RequestBody<ReqBody>>,
+    err: StoreError,
+) -> KeyedResult<ResBody, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+{
+    shared.metrics.record(Decision::StoreError);
+    tracing::error!(error = %err, "idempotency store failed");
+    if shared.config.store_failure == StoreFailure::FailOpen {
+        let response = Box::pin(inner.call(req)).await?;
+        return Ok(response.map(ResponseBody::inner));
+    }
+    Ok(whole(match err {
+        StoreError::Full => shared.problems.store_full(),
+        _ => shared.problems.response(ProblemKind::StoreUnavailable),
+    }))
+}
+
+/// The stored response, as the client first got it, marked as a replay.
+fn replay<B>(stored: StoredResponse) -> Response<ResponseBody<B>> {
+    let mut response = Response::new(ResponseBody::full(stored.body, stored.trailers));
+    *response.status_mut() = stored.status;
+    *response.headers_mut() = stored.headers;
+    response
+        .headers_mut()
+        .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    response
+}

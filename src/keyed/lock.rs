@@ -1,0 +1,99 @@
+//! The lock on a key this request holds.
+
+use std::sync::Arc;
+
+use tokio::time::Instant;
+
+use super::{background::finish_in_background, shared::Shared};
+use crate::{
+    key::RecordKey,
+    store::{Completion, LockToken},
+};
+
+/// A held lock. Dropped without being settled (a cancelled request, a
+/// panicking handler), it releases the key from a task.
+pub(crate) struct LockGuard {
+    pub(crate) shared: Arc<Shared>,
+    key: RecordKey,
+    token: LockToken,
+    acquired: Instant,
+    /// Set once the lease keeper renews this lock.
+    kept: Option<u64>,
+    settled: bool,
+}
+
+impl LockGuard {
+    pub(crate) fn new(shared: Arc<Shared>, key: RecordKey, token: LockToken) -> Self {
+        Self {
+            shared,
+            key,
+            token,
+            acquired: Instant::now(),
+            kept: None,
+            settled: false,
+        }
+    }
+
+    /// Hands the lock to the lease keeper. Called when the work has to
+    /// wait; a handler that answers at once never pays for it.
+    pub(crate) fn keep_alive(&mut self) {
+        if self.kept.is_none() {
+            self.kept = Some(self.shared.leases.hold(self.key, self.token, self.acquired));
+        }
+    }
+
+    fn forget(&mut self) {
+        if let Some(id) = self.kept.take() {
+            self.shared.leases.forget(id);
+        }
+    }
+
+    /// Frees the key, so that a retry runs the request again.
+    pub(crate) async fn release(mut self) {
+        self.forget();
+        release(&self.shared, self.key, self.token).await;
+        // Only now: dropped while the store answers, the guard releases
+        // again from a task rather than leave the key locked.
+        self.settled = true;
+    }
+
+    /// Stores what the request came to.
+    pub(crate) async fn complete(mut self, completion: Completion) {
+        self.settled = true;
+        self.forget();
+        let config = &self.shared.config;
+        if let Err(err) = config
+            .store
+            .complete(&self.key, self.token, completion, config.ttl)
+            .await
+        {
+            tracing::error!(
+                error = %err,
+                key = ?self.key,
+                "could not store a completed response; the key stays locked until its lease runs out"
+            );
+        }
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.forget();
+        if self.settled {
+            return;
+        }
+        let (shared, key, token) = (Arc::clone(&self.shared), self.key, self.token);
+        if finish_in_background(async move { release(&shared, key, token).await }).is_err() {
+            tracing::warn!(
+                ?key,
+                "no runtime to release a dropped lock; its lease bounds it"
+            );
+        }
+    }
+}
+
+async fn release(shared: &Shared, key: RecordKey, token: LockToken) {
+    if let Err(err) = shared.config.store.release(&key, token).await {
+        tracing::warn!(error = %err, ?key, "could not release an idempotency key; its lease bounds it");
+    }
+}

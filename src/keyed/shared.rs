@@ -1,0 +1,31 @@
+//! What every clone of one service shares.
+
+use std::sync::Arc;
+
+use super::lease::LeaseKeeper;
+use crate::{config::Config, metrics::Metrics, problem::Problems};
+
+/// The settings, counters, problem documents and lease keeper of one
+/// service and all its clones.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) problems: Problems,
+    pub(crate) metrics: Metrics,
+    pub(crate) leases: Arc<LeaseKeeper>,
+}
+
+impl Shared {
+    pub(crate) fn new(config: Config, metrics: Metrics) -> Arc<Self> {
+        Arc::new(Self {
+            problems: Problems::new(
+                &config.problem_base,
+                config.body_limit,
+                config.body_timeout,
+                config.retry_after,
+            ),
+            leases: LeaseKeeper::new(Arc::clone(&config.store), config.lease),
+            config,
+            metrics,
+        })
+    }
+}
