@@ -1,5 +1,7 @@
 //! Per-route use in axum: only the routes that change state carry the
-//! layer; the rest of the router is untouched.
+//! layer; the rest of the router is untouched. Keys are scoped by the
+//! client an authentication middleware finds (here from `x-api-key`), so
+//! two clients' keys never meet, whatever credentials they send.
 //!
 //! ```sh
 //! cargo run --example axum_routes
@@ -11,7 +13,14 @@ use std::sync::{
     Arc,
 };
 
-use axum::{extract::State, http::StatusCode, routing::post, Json, Router};
+use axum::{
+    extract::{Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::Response,
+    routing::post,
+    Json, Router,
+};
 use serde_json::{json, Value};
 use tower_idempotency::{IdempotencyLayer, MemoryStore};
 
@@ -31,6 +40,29 @@ async fn search(State(counter): State<Arc<AtomicU64>>, Json(body): Json<Value>) 
     Json(json!({ "search": run, "query": body }))
 }
 
+/// The caller, as authentication found it.
+#[derive(Clone)]
+struct ApiClient(String);
+
+impl std::fmt::Display for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "client:{}", self.0)
+    }
+}
+
+/// Stands in for real authentication: the API key names the client.
+async fn authenticate(mut request: Request, next: Next) -> Response {
+    let client = request
+        .headers()
+        .get("x-api-key")
+        .and_then(|v| v.to_str().ok())
+        .map(|key| ApiClient(key.to_owned()));
+    if let Some(client) = client {
+        request.extensions_mut().insert(client);
+    }
+    next.run(request).await
+}
+
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let port: u16 = std::env::var("PORT")
@@ -44,7 +76,14 @@ async fn main() -> std::io::Result<()> {
         // Moving money must never happen twice: the key is required here.
         .route(
             "/transfers",
-            post(transfer).layer(IdempotencyLayer::new(store.clone()).with_key_required(true)),
+            post(transfer)
+                .layer(
+                    IdempotencyLayer::new(store.clone())
+                        .with_key_required(true)
+                        .with_principal_scope::<ApiClient>(),
+                )
+                // Added last, so it runs first: the scope needs its answer.
+                .layer(middleware::from_fn(authenticate)),
         )
         // A read-only POST: retries are harmless, so no layer.
         .route("/search", post(search))

@@ -181,8 +181,18 @@ where
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
             ResponseKind::Inner { body } => body.size_hint(),
-            ResponseKind::Full { data, .. } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, Bytes::len) as u64)
+            ResponseKind::Full { data, trailers } => {
+                let len = data.as_ref().map_or(0, Bytes::len) as u64;
+                // A body with trailers must not look exact: an HTTP/1.1
+                // server would send it with `Content-Length`, which leaves
+                // no room for trailers, instead of chunked.
+                if trailers.is_some() {
+                    let mut hint = SizeHint::new();
+                    hint.set_lower(len);
+                    hint
+                } else {
+                    SizeHint::with_exact(len)
+                }
             }
             ResponseKind::Capturing { state } => state.size_hint(),
         }

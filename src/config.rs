@@ -5,6 +5,7 @@ use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
 use http::{header, request, HeaderName, Method};
 
 use crate::{
+    key::{RecordKey, ScopeSecret},
     policy::{ClientDisconnect, InFlightPolicy, KeepPolicy, StoreFailure},
     store::Store,
 };
@@ -22,8 +23,10 @@ pub(crate) struct Config {
     pub(crate) response_limit: usize,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) scope: Option<ScopeFn>,
+    pub(crate) scope_secret: Option<ScopeSecret>,
     pub(crate) ttl: Duration,
     pub(crate) lease: Duration,
+    pub(crate) max_hold: Duration,
     pub(crate) keep: KeepPolicy,
     pub(crate) problem_base: Arc<str>,
     pub(crate) on_disconnect: ClientDisconnect,
@@ -33,9 +36,18 @@ pub(crate) struct Config {
 }
 
 impl Config {
+    /// Where the record of `key` sent with this request lives.
+    pub(crate) fn record_key(&self, parts: &request::Parts, key: &str) -> RecordKey {
+        let scope = self.scope_of(parts);
+        match &self.scope_secret {
+            Some(secret) => RecordKey::with_secret(secret, &scope, key),
+            None => RecordKey::new(&scope, key),
+        }
+    }
+
     /// The scope of a request: by default its `Authorization` header, which
     /// is hashed into the record key and never stored.
-    pub(crate) fn scope_of<'a>(&self, parts: &'a request::Parts) -> Cow<'a, [u8]> {
+    fn scope_of<'a>(&self, parts: &'a request::Parts) -> Cow<'a, [u8]> {
         match &self.scope {
             Some(scope) => Cow::Owned(scope(parts).unwrap_or_default()),
             None => Cow::Borrowed(
@@ -58,6 +70,7 @@ impl fmt::Debug for Config {
             .field("response_limit", &self.response_limit)
             .field("ttl", &self.ttl)
             .field("lease", &self.lease)
+            .field("max_hold", &self.max_hold)
             .finish_non_exhaustive()
     }
 }

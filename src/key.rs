@@ -2,6 +2,7 @@
 
 use std::{borrow::Cow, fmt};
 
+use hmac::{Hmac, Mac};
 use http::{request, HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
@@ -135,9 +136,14 @@ fn unquote(raw: &[u8]) -> Result<String, KeyError> {
 /// Where a stored record lives: a SHA-256 digest of the scope and the key.
 ///
 /// Neither the scope nor the key is kept in clear, and the same key in two
-/// scopes gives two unrelated record keys.
+/// scopes gives two unrelated record keys. Alongside the digest it carries
+/// a tag of its scope that never leaves this process (a hash seeded per
+/// process), by which the memory store bounds what one scope may hold.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RecordKey([u8; 32]);
+pub struct RecordKey {
+    digest: [u8; 32],
+    scope: u64,
+}
 
 impl RecordKey {
     /// Derives the record key for `key` within `scope`.
@@ -147,22 +153,75 @@ impl RecordKey {
         hasher.update((scope.len() as u64).to_be_bytes());
         hasher.update(scope);
         hasher.update(key.as_bytes());
-        Self(hasher.finalize().into())
+        Self {
+            digest: hasher.finalize().into(),
+            scope: scope_tag(scope),
+        }
     }
 
-    /// Wraps a digest read back from a store.
+    /// Derives the record key for `key` within `scope`, the scope first
+    /// hashed with `secret` (HMAC-SHA256): without the secret, a record key
+    /// read from a shared store cannot be used to test guesses of the
+    /// credentials that make up a scope.
+    pub fn with_secret(secret: &ScopeSecret, scope: &[u8], key: &str) -> Self {
+        Self::new(&secret.digest(scope), key)
+    }
+
+    /// Wraps a digest read back from a store (in the anonymous scope's tag).
     pub const fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+        Self {
+            digest: bytes,
+            scope: 0,
+        }
     }
 
     /// The digest.
     pub const fn as_bytes(&self) -> &[u8; 32] {
-        &self.0
+        &self.digest
     }
 
     /// The digest in lowercase hexadecimal, as remote stores name records.
     pub fn to_hex(&self) -> String {
-        hex(&self.0)
+        hex(&self.digest)
+    }
+
+    /// The process-local tag of the key's scope: equal for two keys of one
+    /// scope in this process, 0 for the anonymous scope.
+    pub const fn scope_tag(&self) -> u64 {
+        self.scope
+    }
+}
+
+fn scope_tag(scope: &[u8]) -> u64 {
+    static SEED: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    if scope.is_empty() {
+        return 0;
+    }
+    std::hash::BuildHasher::hash_one(SEED.get_or_init(Default::default), scope).max(1)
+}
+
+/// The secret a scope is hashed with before it becomes part of a record
+/// key (see [`IdempotencyLayer::with_scope_secret`](crate::IdempotencyLayer::with_scope_secret)).
+/// Replicas that share a store must share the secret.
+#[derive(Clone)]
+pub struct ScopeSecret(Hmac<Sha256>);
+
+impl ScopeSecret {
+    /// A secret from its bytes (at least 32 random bytes are advised).
+    pub fn new(secret: &[u8]) -> Self {
+        Self(Hmac::new_from_slice(secret).expect("HMAC takes a key of any length"))
+    }
+
+    fn digest(&self, scope: &[u8]) -> [u8; 32] {
+        let mut mac = self.0.clone();
+        mac.update(scope);
+        mac.finalize().into_bytes().into()
+    }
+}
+
+impl fmt::Debug for ScopeSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ScopeSecret(..)")
     }
 }
 

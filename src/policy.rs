@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use http::{header, response, StatusCode};
+use http::{response, StatusCode};
 
 /// A response extension by which a handler says "this request was not
 /// executed": the key is released and a retry runs the request again.
@@ -44,7 +44,11 @@ impl KeepPolicy {
 impl Default for KeepPolicy {
     /// Keeps every completed response, errors and 500 included, as Stripe
     /// does, except those that say the request was not processed: 408, 429,
-    /// 503, a [`NotExecuted`] extension, or `Cache-Control: no-store`.
+    /// 503, or a [`NotExecuted`] extension.
+    ///
+    /// `Cache-Control: no-store` is a caching directive for the client and
+    /// caches between, not a statement that nothing was done: a response
+    /// carrying it is kept and replayed like any other.
     fn default() -> Self {
         Self::from_fn(|head| {
             !matches!(
@@ -64,16 +68,9 @@ impl fmt::Debug for KeepPolicy {
 }
 
 /// Whether the handler marked the response as not executed, by the
-/// [`NotExecuted`] extension or `Cache-Control: no-store`.
+/// [`NotExecuted`] extension.
 pub fn marked_not_executed(head: &response::Parts) -> bool {
     head.extensions.get::<NotExecuted>().is_some()
-        || head
-            .headers
-            .get_all(header::CACHE_CONTROL)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|directive| directive.trim().eq_ignore_ascii_case("no-store"))
 }
 
 /// What happens when the client goes away before its response is complete.
@@ -109,6 +106,10 @@ pub enum StoreFailure {
     /// without protection against a second execution.
     #[default]
     Reject,
-    /// Run the request without idempotency protection.
+    /// Run the request without idempotency protection when the store
+    /// cannot be reached ([`StoreError::Backend`](crate::store::StoreError::Backend)).
+    /// A store that answers, but is full or holds a record that cannot be
+    /// decoded (corrupt, or written by a newer build), still gets 503: it
+    /// has seen the key.
     FailOpen,
 }

@@ -33,6 +33,11 @@
 //! 409: the request with this key was processed, but its response was too
 //! large to keep, so it cannot be replayed; the request is not run again.
 //!
+//! # too-many-keys
+//! 429: this client holds as many idempotency keys as one client may at
+//! once; the request was not processed. Retry after `Retry-After` seconds,
+//! once earlier keys have expired; other clients are not affected.
+//!
 //! # store-unavailable
 //! 503: the idempotency store cannot be reached or is full, so the request
 //! was not processed; retry after `Retry-After` seconds.
@@ -69,6 +74,8 @@ pub enum ProblemKind {
     KeyReused,
     /// 409, see [response-not-replayable](self#response-not-replayable).
     NotReplayable,
+    /// 429, see [too-many-keys](self#too-many-keys).
+    TooManyKeys,
     /// 503, see [store-unavailable](self#store-unavailable).
     StoreUnavailable,
 }
@@ -85,6 +92,7 @@ impl ProblemKind {
             Self::InFlight => "request-in-flight",
             Self::KeyReused => "key-reused",
             Self::NotReplayable => "response-not-replayable",
+            Self::TooManyKeys => "too-many-keys",
             Self::StoreUnavailable => "store-unavailable",
         }
     }
@@ -97,6 +105,7 @@ impl ProblemKind {
             Self::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::InFlight | Self::NotReplayable => StatusCode::CONFLICT,
             Self::KeyReused => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::TooManyKeys => StatusCode::TOO_MANY_REQUESTS,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -112,6 +121,7 @@ impl ProblemKind {
             Self::InFlight => "Request with this Idempotency-Key in progress",
             Self::KeyReused => "Idempotency-Key reused for a different request",
             Self::NotReplayable => "Response for this Idempotency-Key cannot be replayed",
+            Self::TooManyKeys => "Too many Idempotency-Keys held for this client",
             Self::StoreUnavailable => "Idempotency store unavailable",
         }
     }
@@ -119,12 +129,15 @@ impl ProblemKind {
     /// Whether the answer carries `Retry-After`: only the problems that
     /// tell the client to come back with the same request.
     pub const fn carries_retry_after(self) -> bool {
-        matches!(self, Self::InFlight | Self::StoreUnavailable)
+        matches!(
+            self,
+            Self::InFlight | Self::TooManyKeys | Self::StoreUnavailable
+        )
     }
 }
 
 impl ProblemKind {
-    pub(crate) const ALL: [Self; 9] = [
+    pub(crate) const ALL: [Self; 10] = [
         Self::MissingKey,
         Self::InvalidKey,
         Self::BodyTooLarge,
@@ -133,6 +146,7 @@ impl ProblemKind {
         Self::InFlight,
         Self::KeyReused,
         Self::NotReplayable,
+        Self::TooManyKeys,
         Self::StoreUnavailable,
     ];
 }
@@ -153,6 +167,7 @@ fn default_detail(kind: ProblemKind, body_limit: usize, body_timeout: Duration) 
         ProblemKind::InFlight => "A request with this Idempotency-Key is still being processed. Retry later to receive its response.".to_owned(),
         ProblemKind::KeyReused => "This Idempotency-Key was already used with a different request. Send a new key for a new request.".to_owned(),
         ProblemKind::NotReplayable => "The request with this Idempotency-Key was already processed, but its response was not kept. It will not be processed again.".to_owned(),
+        ProblemKind::TooManyKeys => "This client holds as many Idempotency-Keys as one client may at once. The request was not processed; retry once earlier keys have expired.".to_owned(),
         ProblemKind::StoreUnavailable => "The idempotency store could not be reached. The request was not processed; retry later.".to_owned(),
     }
 }

@@ -12,7 +12,7 @@ use tracing::Instrument;
 use crate::{
     body::{whole, RequestBody, ResponseBody},
     future::ResponseFuture,
-    key::{key_in, RecordKey},
+    key::key_in,
     keyed::{decide, shared::Shared},
     metrics::Decision,
     problem::ProblemKind,
@@ -93,7 +93,7 @@ where
         }
         let (parts, body) = req.into_parts();
         let record = match key_in(&parts.headers) {
-            Ok(Some(key)) => RecordKey::new(&config.scope_of(&parts), &key),
+            Ok(Some(key)) => config.record_key(&parts, &key),
             Ok(None) if !config.key_required => {
                 return self.pass_through(Request::from_parts(parts, body))
             }

@@ -4,6 +4,17 @@ mod memory {
     tower_idempotency::store_conformance_tests!(async { tower_idempotency::MemoryStore::new() });
 }
 
+/// The store the README's guide points to, written as a user would.
+#[path = "../examples/custom_store.rs"]
+#[allow(dead_code, reason = "the example's main is not run here")]
+mod custom_store;
+
+mod hash_map_store {
+    tower_idempotency::store_conformance_tests!(async {
+        super::custom_store::HashMapStore::default()
+    });
+}
+
 #[cfg(feature = "redis")]
 mod redis {
     async fn store() -> tower_idempotency::store::RedisStore {

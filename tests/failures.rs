@@ -423,8 +423,9 @@ async fn client_hang_up_with_cancel_releases_the_key_and_the_retry_runs() {
     assert_eq!(counter.runs(), 2);
 }
 
-#[tokio::test]
-async fn client_hang_up_mid_body_still_stores_the_whole_response() {
+/// A client that hangs up after the first chunk of a streamed response:
+/// the rest is still read and stored, and the retry gets it all.
+async fn assert_hang_up_mid_body_stores_the_whole_response(layer: IdempotencyLayer) {
     let runs = Arc::new(AtomicUsize::new(0));
     let handler = common::scripted_handler(Arc::clone(&runs), |_| {
         Scripted::new(Duration::from_millis(100))
@@ -432,7 +433,7 @@ async fn client_hang_up_mid_body_still_stores_the_whole_response() {
             .data("two,")
             .data("three")
     });
-    let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
+    let svc = tower::Layer::layer(&layer, handler);
     let response = svc
         .clone()
         .oneshot(post("/payments", Some(KEY), "{}"))
@@ -454,6 +455,21 @@ async fn client_hang_up_mid_body_still_stores_the_whole_response() {
     assert_eq!(head.headers["idempotent-replayed"], "true");
     assert_eq!(replay, "one,two,three");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn client_hang_up_mid_body_still_stores_the_whole_response() {
+    assert_hang_up_mid_body_stores_the_whole_response(IdempotencyLayer::default()).await;
+}
+
+#[tokio::test]
+async fn client_hang_up_mid_body_with_cancel_still_stores_the_response() {
+    // The handler has answered: its work is done, so no policy may let a
+    // retry run it again.
+    assert_hang_up_mid_body_stores_the_whole_response(
+        IdempotencyLayer::default().with_client_disconnect(ClientDisconnect::Cancel),
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -535,4 +551,185 @@ async fn oversized_content_length_over_the_wire_gets_413() {
     .await;
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert_eq!(counter.runs(), 0);
+}
+
+/// A store that answers `begin` with a record it cannot have written.
+#[derive(Debug)]
+struct CorruptStore;
+
+#[async_trait]
+impl Store for CorruptStore {
+    async fn begin(
+        &self,
+        _: &RecordKey,
+        _: &Fingerprint,
+        _: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        Ok(BeginOutcome::Completed(Bytes::from_static(
+            b"written by a newer build",
+        )))
+    }
+    async fn complete(
+        &self,
+        _: &RecordKey,
+        _: LockToken,
+        _: Completion,
+        _: Duration,
+    ) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn release(&self, _: &RecordKey, _: LockToken) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn renew(&self, _: &RecordKey, _: LockToken, _: Duration) -> Result<(), StoreError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn undecodable_record_answers_503_even_when_failing_open() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::new(CorruptStore).with_store_failure(StoreFailure::FailOpen);
+    let svc = app(&layer, counter.handler(Duration::ZERO));
+    let response = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(counter.runs(), 0);
+}
+
+#[tokio::test]
+async fn full_store_answers_503_even_when_failing_open() {
+    let counter = Counter::default();
+    let store = MemoryStore::builder()
+        .with_limits(tower_idempotency::store::MemoryLimits::new(1, 1024))
+        .build();
+    let layer = IdempotencyLayer::new(store).with_store_failure(StoreFailure::FailOpen);
+    let svc = app(&layer, counter.handler(Duration::ZERO));
+    assert_eq!(
+        send(&svc, post("/payments", Some("first"), "{}"))
+            .await
+            .status(),
+        StatusCode::CREATED
+    );
+    let refused = send(&svc, post("/payments", Some("second"), "{}")).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(counter.runs(), 1);
+}
+
+/// A response body whose frames are always ready: `frames` of 8 KiB, each
+/// counted in `produced` as it is read.
+struct AlwaysReady {
+    frames: usize,
+    produced: Arc<AtomicUsize>,
+}
+
+impl http_body::Body for AlwaysReady {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        if self.frames == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        self.frames -= 1;
+        self.produced.fetch_add(1, Ordering::SeqCst);
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            &[b'x'; 8192],
+        )))))
+    }
+}
+
+#[tokio::test]
+async fn always_ready_body_sends_its_head_before_reading_itself_whole() {
+    let produced = Arc::new(AtomicUsize::new(0));
+    let body_produced = Arc::clone(&produced);
+    let handler = tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+        let produced = Arc::clone(&body_produced);
+        async move {
+            Ok::<_, Infallible>(Response::new(AlwaysReady {
+                frames: 8 * 1024, // 64 MiB in all
+                produced,
+            }))
+        }
+    });
+    let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
+    let response = svc
+        .clone()
+        .oneshot(post("/payments", Some(KEY), "{}"))
+        .await
+        .unwrap();
+    let read_before_head = produced.load(Ordering::SeqCst);
+    assert!(
+        read_before_head <= 16,
+        "{read_before_head} frames of 8 KiB were read before the head went out"
+    );
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body.len(), 64 * 1024 * 1024);
+    // Over the capture limit: done, and not run again.
+    let retry = svc
+        .oneshot(post("/payments", Some(KEY), "{}"))
+        .await
+        .unwrap();
+    assert_eq!(retry.status(), StatusCode::CONFLICT);
+}
+
+/// Sends a keyed POST over a fresh HTTP/1.1 connection with `TE: trailers`
+/// and returns the response's head, body and trailers.
+async fn http1_post_with_trailers(
+    addr: std::net::SocketAddr,
+) -> (http::response::Parts, Bytes, Option<HeaderMap>) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::post("/payments")
+        .header("host", "test")
+        .header("idempotency-key", KEY)
+        .header("te", "trailers")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let (head, body) = sender.send_request(request).await.unwrap().into_parts();
+    let collected = body.collect().await.unwrap();
+    let trailers = collected.trailers().cloned();
+    (head, collected.to_bytes(), trailers)
+}
+
+#[tokio::test]
+async fn http1_replay_carries_the_trailers_of_the_original() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler_runs = Arc::clone(&runs);
+    let handler = tower::service_fn(move |_: Request<RequestBody<hyper::body::Incoming>>| {
+        handler_runs.fetch_add(1, Ordering::SeqCst);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "abc123".parse().unwrap());
+        let body = Scripted::new(Duration::ZERO)
+            .data("message")
+            .trailers(trailers);
+        async move {
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("trailer", "x-checksum")
+                    .body(body)
+                    .unwrap(),
+            )
+        }
+    });
+    let addr = serve(tower::Layer::layer(&IdempotencyLayer::default(), handler)).await;
+    let (first, first_body, first_trailers) = http1_post_with_trailers(addr).await;
+    assert!(first.headers.get("idempotent-replayed").is_none());
+    assert_eq!(first_body, "message");
+    assert_eq!(first_trailers.expect("trailers")["x-checksum"], "abc123");
+    let (replay, replay_body, replay_trailers) = http1_post_with_trailers(addr).await;
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(replay.headers["trailer"], "x-checksum");
+    assert_eq!(replay_body, "message");
+    assert_eq!(
+        replay_trailers.expect("trailers on the replay")["x-checksum"],
+        "abc123"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
 }

@@ -68,6 +68,23 @@ async fn axum_example_protects_only_the_routes_that_carry_the_layer() {
         .await
         .unwrap();
     assert_eq!(without_key.status(), 400);
+
+    // The same key from two API clients names two transfers.
+    let as_client = |api_key: &'static str| {
+        client
+            .post(format!("{}/transfers", server.base))
+            .header("idempotency-key", "shared-key")
+            .header("x-api-key", api_key)
+            .json(&serde_json::json!({"amount": 5}))
+            .send()
+    };
+    let alice = as_client("alice").await.unwrap();
+    assert_eq!(alice.status(), 201);
+    let bob = as_client("bob").await.unwrap();
+    assert_eq!(bob.status(), 201);
+    assert!(bob.headers().get("idempotent-replayed").is_none());
+    let alice_again = as_client("alice").await.unwrap();
+    assert_eq!(alice_again.headers()["idempotent-replayed"], "true");
 }
 
 fn grpc_charge(addr: &str, key: &str, amount: u64) -> String {

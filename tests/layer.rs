@@ -440,15 +440,15 @@ async fn not_executed_extension_releases_the_key() {
 }
 
 #[tokio::test]
-async fn cache_control_no_store_releases_the_key() {
+async fn cache_control_no_store_is_kept_and_replayed() {
     assert_eq!(
         runs_after_retry(
-            StatusCode::OK,
+            StatusCode::CREATED,
             |b| b.header("cache-control", "private, no-store"),
             None
         )
         .await,
-        2
+        1
     );
 }
 
@@ -732,5 +732,50 @@ async fn each_decision_is_a_tracing_event_with_its_outcome() {
     assert!(
         log.contains("idempotency"),
         "events are inside the idempotency span:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn longest_ttl_keeps_the_response_instead_of_wrapping() {
+    let counter = Counter::default();
+    let svc = app(
+        &layer().with_ttl(Duration::MAX),
+        counter.handler(Duration::ZERO),
+    );
+    send(&svc, post("/payments", Some("ttl-max"), "{}")).await;
+    let retry = send(&svc, post("/payments", Some("ttl-max"), "{}")).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(counter.runs(), 1);
+}
+
+#[tokio::test]
+async fn longest_wait_for_a_duplicate_does_not_panic() {
+    let counter = Counter::default();
+    let svc = app(
+        &layer().with_in_flight(InFlightPolicy::Wait(Duration::MAX)),
+        counter.handler(Duration::ZERO),
+    );
+    let first = send(&svc, post("/payments", Some("wait-max"), "{}")).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+}
+
+#[test]
+fn out_of_range_durations_are_clamped_to_their_documented_bounds() {
+    let layer = IdempotencyLayer::default()
+        .with_ttl(Duration::MAX)
+        .with_lease(Duration::ZERO)
+        .with_max_hold(Duration::MAX);
+    let shown = format!("{layer:?}");
+    assert!(
+        shown.contains(&format!("ttl: {:?}", IdempotencyLayer::MAX_TTL)),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("lease: {:?}", IdempotencyLayer::MIN_LEASE)),
+        "{shown}"
+    );
+    assert!(
+        shown.contains(&format!("max_hold: {:?}", IdempotencyLayer::MAX_HOLD)),
+        "{shown}"
     );
 }

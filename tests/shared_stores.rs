@@ -265,6 +265,27 @@ async fn postgres_cleanup_deletes_expired_rows() {
     assert_eq!(left, 0);
 }
 
+/// Every key under `prefix` on the test Redis, with its PTTL.
+async fn ttls_under(prefix: &str) -> Vec<(String, i64)> {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut ttls = Vec::new();
+    for key in keys {
+        let ttl: i64 = redis::cmd("PTTL")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        ttls.push((key, ttl));
+    }
+    ttls
+}
+
 #[tokio::test]
 async fn redis_keys_carry_the_prefix_and_a_ttl() {
     let store = RedisStore::connect(&redis_url())
@@ -277,20 +298,9 @@ async fn redis_keys_carry_the_prefix_and_a_ttl() {
         counter.handler(Duration::ZERO),
     );
     send(&svc, post("/payments", Some(&unique_key("ttl")), "{}")).await;
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("ttlcheck:*")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(!keys.is_empty());
-    for key in keys {
-        let ttl: i64 = redis::cmd("PTTL")
-            .arg(&key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
+    let ttls = ttls_under("ttlcheck:").await;
+    assert!(!ttls.is_empty());
+    for (key, ttl) in ttls {
         assert!(ttl > 90_000 && ttl <= 100_000, "{key} has PTTL {ttl}");
     }
 }
@@ -398,4 +408,67 @@ async fn stopped_redis_server_answers_503_then_recovers_when_it_returns() {
         "the reconnecting connection serves again once Redis is back"
     );
     assert_eq!(counter.runs(), 2);
+}
+
+/// A store asked for the longest lease and TTL a `Duration` can say keeps
+/// them (shortened to `MAX_EXPIRY`) rather than failing halfway.
+async fn longest_durations_are_kept_not_refused(store: &dyn Store) {
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::{BeginOutcome, Completion, StoredResponse},
+    };
+    let key = RecordKey::new(b"durations", &unique_key("max"));
+    let fingerprint = Fingerprint::from_bytes([9; 32]);
+    let BeginOutcome::Acquired(token) = store
+        .begin(&key, &fingerprint, Duration::MAX)
+        .await
+        .expect("begin with Duration::MAX")
+    else {
+        panic!("a fresh key is acquired");
+    };
+    store
+        .renew(&key, token, Duration::MAX)
+        .await
+        .expect("renew with Duration::MAX");
+    let response = StoredResponse::new(
+        StatusCode::CREATED,
+        http::HeaderMap::new(),
+        "ok".into(),
+        None,
+    );
+    store
+        .complete(
+            &key,
+            token,
+            Completion::Response(response.encode()),
+            Duration::MAX,
+        )
+        .await
+        .expect("complete with Duration::MAX");
+    match store.begin(&key, &fingerprint, Duration::MAX).await {
+        Ok(BeginOutcome::Completed(record)) => assert_eq!(record, response.encode()),
+        other => panic!("expected the stored response, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn redis_keeps_the_longest_durations() {
+    let store = RedisStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix("maxduration:");
+    longest_durations_are_kept_not_refused(&store).await;
+    for (key, ttl) in ttls_under("maxduration:").await {
+        assert!(ttl > 0, "{key} has no expiry (PTTL {ttl})");
+    }
+}
+
+#[tokio::test]
+async fn postgres_keeps_the_longest_durations() {
+    let pool = sqlx::PgPool::connect(&database_url()).await.unwrap();
+    let store = PostgresStore::new(pool)
+        .with_table("max_duration_records")
+        .unwrap();
+    store.migrate().await.unwrap();
+    longest_durations_are_kept_not_refused(&store).await;
 }

@@ -20,8 +20,9 @@ use crate::BoxError;
 
 /// The handler's body with its copy and its lock. Its end completes the
 /// key, its failure releases it; dropped before either (the client hung
-/// up), it hands the rest of the stream to a task, or, to cancel, releases
-/// the key.
+/// up), it hands the rest of the stream to a task whatever the disconnect
+/// policy: the handler has answered, so its work is done, and a retry
+/// must find its response rather than run it again.
 pub(crate) struct CaptureState<B> {
     body: Option<Pin<Box<B>>>,
     /// Frames read and copied, not yet handed to the client.
@@ -30,7 +31,8 @@ pub(crate) struct CaptureState<B> {
     lock: Option<LockGuard>,
     pub(crate) write: StoreWrite,
     error: Option<BoxError>,
-    detach: bool,
+    /// Whether a drop hands the rest to a task: not for the rest itself.
+    finish_on_drop: bool,
     /// Made where the bounds are known, since `Drop` cannot ask for them.
     finish: fn(CaptureState<B>),
 }
@@ -64,7 +66,7 @@ where
 }
 
 impl<B> CaptureState<B> {
-    pub(crate) fn new(body: Pin<Box<B>>, copy: ResponseCopy, lock: LockGuard, detach: bool) -> Self
+    pub(crate) fn new(body: Pin<Box<B>>, copy: ResponseCopy, lock: LockGuard) -> Self
     where
         B: Body + Send + 'static,
         B::Data: Send,
@@ -77,7 +79,7 @@ impl<B> CaptureState<B> {
             lock: Some(lock),
             write: StoreWrite::default(),
             error: None,
-            detach,
+            finish_on_drop: true,
             finish: finish_body::<B>,
         }
     }
@@ -96,6 +98,13 @@ impl<B> CaptureState<B> {
                 copy.record(&frame);
             }
             self.ready.push_back(frame);
+        }
+    }
+
+    /// Has the lease keeper renew the lock while the body is unfinished.
+    pub(crate) fn keep_alive(&mut self) {
+        if let Some(lock) = self.lock.as_mut() {
+            lock.keep_alive();
         }
     }
 
@@ -127,7 +136,11 @@ where
             .map_or_else(|| SizeHint::with_exact(0), |body| body.size_hint());
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower() + ready);
-        if let Some(upper) = rest.upper() {
+        // Trailers still to come leave the size open, as for a replay: an
+        // exact size would go out as `Content-Length`, with no room for
+        // them on HTTP/1.1.
+        let trailers = self.ready.iter().any(Frame::is_trailers);
+        if let Some(upper) = rest.upper().filter(|_| !trailers) {
             hint.set_upper(upper + ready);
         }
         hint
@@ -190,7 +203,9 @@ where
 impl<B> Drop for CaptureState<B> {
     fn drop(&mut self) {
         // A completion or release under way lands on its own when dropped.
-        if self.write.is_under_way() || !self.detach || std::thread::panicking() {
+        // A drop while panicking is the body's own failure: the key is
+        // released, as for a body that returns an error.
+        if self.write.is_under_way() || !self.finish_on_drop || std::thread::panicking() {
             return;
         }
         let (Some(body), Some(lock)) = (self.body.take(), self.lock.take()) else {
@@ -203,7 +218,7 @@ impl<B> Drop for CaptureState<B> {
             lock: Some(lock),
             write: StoreWrite::default(),
             error: None,
-            detach: false,
+            finish_on_drop: false,
             finish: self.finish,
         });
     }

@@ -112,6 +112,7 @@ where
                     (Decision::NotReplayable, ProblemKind::NotReplayable)
                 }
                 Ok(BeginOutcome::Mismatch) => (Decision::Mismatch, ProblemKind::KeyReused),
+                Err(StoreError::ScopeFull) => (Decision::Rejected, ProblemKind::TooManyKeys),
                 Err(err) => return store_failed(&shared, inner, req, err).await,
             };
             shared.metrics.record(decision);
@@ -126,7 +127,10 @@ fn rejected<B>(shared: &Shared, kind: ProblemKind) -> Response<ResponseBody<B>> 
 }
 
 /// Answers a request whose store failed: 503, or the inner service
-/// unprotected if the layer fails open.
+/// unprotected if the layer fails open and the store could not be reached.
+/// A store that answered (full, or with a record it cannot read) has seen
+/// the key, so running the request could run it twice: that is never
+/// failed open.
 async fn store_failed<S, ReqBody, ResBody>(
     shared: &Shared,
     mut inner: S,
@@ -138,7 +142,9 @@ where
 {
     shared.metrics.record(Decision::StoreError);
     tracing::error!(error = %err, "idempotency store failed");
-    if shared.config.store_failure == StoreFailure::FailOpen {
+    if shared.config.store_failure == StoreFailure::FailOpen
+        && matches!(err, StoreError::Backend(_))
+    {
         let response = Box::pin(inner.call(req)).await?;
         return Ok(response.map(ResponseBody::inner));
     }

@@ -61,7 +61,7 @@ where
         .expect("the lock stays until the call is done");
     match result {
         Ok(response) => {
-            let (response, write) = respond(response, lock, detach);
+            let (response, write) = respond(response, lock);
             write.await;
             Ok(response)
         }
@@ -97,7 +97,7 @@ where
         lock.keep_alive();
         match call.await {
             Ok(response) => {
-                let (response, write) = respond(response, lock, false);
+                let (response, write) = respond(response, lock);
                 write.await;
                 drain(response.into_body()).await;
             }

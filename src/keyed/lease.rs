@@ -10,21 +10,24 @@ use std::{
 };
 
 use dashmap::DashMap;
-use tokio::time::Instant;
+use tokio::{task::JoinSet, time::Instant};
 
+use super::background::finish_in_background;
 use crate::{
     key::RecordKey,
     store::{LockToken, Store},
 };
 
 /// The locks to renew, and the task that renews them every third of a
-/// lease, started on the first lock registered.
+/// lease. The task starts with the first lock registered and starts again
+/// if the runtime it ran on has gone.
 pub(crate) struct LeaseKeeper {
     store: Arc<dyn Store>,
     lease: Duration,
+    max_hold: Duration,
     held: DashMap<u64, LeasedLock>,
     next_id: AtomicU64,
-    started: AtomicBool,
+    running: AtomicBool,
 }
 
 /// A lock registered for renewal.
@@ -35,13 +38,14 @@ struct LeasedLock {
 }
 
 impl LeaseKeeper {
-    pub(crate) fn new(store: Arc<dyn Store>, lease: Duration) -> Arc<Self> {
+    pub(crate) fn new(store: Arc<dyn Store>, lease: Duration, max_hold: Duration) -> Arc<Self> {
         Arc::new(Self {
             store,
             lease,
+            max_hold,
             held: DashMap::new(),
             next_id: AtomicU64::new(0),
-            started: AtomicBool::new(false),
+            running: AtomicBool::new(false),
         })
     }
 
@@ -49,8 +53,13 @@ impl LeaseKeeper {
     pub(crate) fn hold(self: &Arc<Self>, key: RecordKey, token: LockToken, since: Instant) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.held.insert(id, LeasedLock { key, token, since });
-        if !self.started.load(Ordering::Relaxed) && !self.started.swap(true, Ordering::AcqRel) {
-            tokio::spawn(renew_leases(Arc::downgrade(self)));
+        if !self.running.load(Ordering::Acquire) && !self.running.swap(true, Ordering::AcqRel) {
+            let task = renew_leases(Running(Arc::downgrade(self)));
+            if finish_in_background(task).is_err() {
+                tracing::warn!(
+                    "no Tokio runtime to renew idempotency leases; a lock lasts one lease"
+                );
+            }
         }
         id
     }
@@ -59,36 +68,80 @@ impl LeaseKeeper {
     pub(crate) fn forget(&self, id: u64) {
         self.held.remove(&id);
     }
+
+    /// Renews every lock older than `period`, all at once, each bounded so
+    /// that none can hold up the next round; stops renewing those held
+    /// past the longest holding time.
+    async fn renew_due(self: &Arc<Self>, period: Duration) {
+        let now = Instant::now();
+        let Some(due) = now.checked_sub(period) else {
+            return;
+        };
+        let mut renewals = JoinSet::new();
+        let mut given_up = Vec::new();
+        for held in self.held.iter().filter(|held| held.since <= due) {
+            let (id, key, token) = (*held.key(), held.key, held.token);
+            if now.duration_since(held.since) >= self.max_hold {
+                given_up.push((id, key));
+                continue;
+            }
+            let (store, lease) = (Arc::clone(&self.store), self.lease);
+            renewals.spawn(async move {
+                let renewed =
+                    tokio::time::timeout(lease / 6, store.renew(&key, token, lease)).await;
+                (id, key, renewed)
+            });
+        }
+        for (id, key) in given_up {
+            self.held.remove(&id);
+            tracing::warn!(
+                ?key,
+                max_hold = ?self.max_hold,
+                "an idempotency key was held longer than its longest holding time; its lease is no longer renewed"
+            );
+        }
+        while let Some(joined) = renewals.join_next().await {
+            let Ok((id, key, renewed)) = joined else {
+                continue;
+            };
+            // A lock settled since the round began needs no renewal.
+            if !self.held.contains_key(&id) {
+                continue;
+            }
+            match renewed {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => {
+                    tracing::warn!(error = %err, ?key, "could not renew an idempotency lease");
+                }
+                Err(_) => tracing::warn!(?key, "renewing an idempotency lease timed out"),
+            }
+        }
+    }
 }
 
-async fn renew_leases(keeper: Weak<LeaseKeeper>) {
-    let Some(period) = keeper.upgrade().map(|k| k.lease / 3) else {
+/// Held by the renewal task: when the task ends, whether it returned or
+/// its runtime dropped it, the next lock registered starts another.
+struct Running(Weak<LeaseKeeper>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(keeper) = self.0.upgrade() {
+            keeper.running.store(false, Ordering::Release);
+        }
+    }
+}
+
+async fn renew_leases(running: Running) {
+    let Some(period) = running.0.upgrade().map(|k| k.lease / 3) else {
         return;
     };
     let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let Some(keeper) = keeper.upgrade() else {
+        let Some(keeper) = running.0.upgrade() else {
             return;
         };
-        let Some(due) = Instant::now().checked_sub(period) else {
-            continue;
-        };
-        let renewals: Vec<(u64, RecordKey, LockToken)> = keeper
-            .held
-            .iter()
-            .filter(|held| held.since <= due)
-            .map(|held| (*held.key(), held.key, held.token))
-            .collect();
-        for (id, key, token) in renewals {
-            let renewed = keeper.store.renew(&key, token, keeper.lease).await;
-            // A lock settled since the list was taken needs no renewal.
-            if let Err(err) = renewed {
-                if keeper.held.contains_key(&id) {
-                    tracing::warn!(error = %err, ?key, "could not renew an idempotency lease");
-                }
-            }
-        }
+        keeper.renew_due(period).await;
     }
 }

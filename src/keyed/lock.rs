@@ -1,6 +1,6 @@
 //! The lock on a key this request holds.
 
-use std::sync::Arc;
+use std::{future::Future, sync::Arc, task::Poll};
 
 use tokio::time::Instant;
 
@@ -57,16 +57,29 @@ impl LockGuard {
         self.settled = true;
     }
 
-    /// Stores what the request came to.
+    /// Stores what the request came to. The lease is renewed until the
+    /// store has acknowledged: a slow completion must not be overtaken by
+    /// a takeover of its own key.
     pub(crate) async fn complete(mut self, completion: Completion) {
+        // Settled from the start: dropped halfway, a completion must never
+        // turn into a release, since the handler has run.
         self.settled = true;
-        self.forget();
-        let config = &self.shared.config;
-        if let Err(err) = config
+        let (shared, key) = (Arc::clone(&self.shared), self.key);
+        let config = &shared.config;
+        let mut write = std::pin::pin!(config
             .store
-            .complete(&self.key, self.token, completion, config.ttl)
-            .await
-        {
+            .complete(&key, self.token, completion, config.ttl));
+        // Most stores answer at once; only a completion that has to wait
+        // pays for the lease keeper.
+        let done = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+            Poll::Ready(done) => done,
+            Poll::Pending => {
+                self.keep_alive();
+                write.await
+            }
+        };
+        self.forget();
+        if let Err(err) = done {
             tracing::error!(
                 error = %err,
                 key = ?self.key,

@@ -17,7 +17,6 @@ use crate::{body::ResponseBody, store::encode_parts, store::Completion, BoxError
 pub(crate) fn respond<B>(
     response: Response<B>,
     lock: LockGuard,
-    detach: bool,
 ) -> (Response<ResponseBody<B>>, StoreWrite)
 where
     B: Body + Send + 'static,
@@ -74,16 +73,27 @@ where
     }
     // A body still being produced is copied as it streams.
     let copy = ResponseCopy::new(head.status, head.headers.clone(), config.response_limit);
-    let mut state = Box::new(CaptureState::new(body, copy, lock, detach));
+    let mut state = Box::new(CaptureState::new(body, copy, lock));
     state.accept(first.map(Frame::data));
     match at_head {
         BodyAtHead::More(frame) => state.accept(Some(frame)),
         BodyAtHead::Failed(err) => state.fail(err),
         BodyAtHead::Whole | BodyAtHead::Pending => {}
     }
-    while let Poll::Ready(Some(frame)) = state.poll_body(&mut cx) {
+    // Frames that are ready go out with the head, up to a bound: a body
+    // that is always ready (a stream over memory, an endless one) must not
+    // be read whole before the client sees a byte.
+    let mut read_ahead = 0;
+    while read_ahead < READ_AHEAD_LIMIT {
+        let Poll::Ready(Some(frame)) = state.poll_body(&mut cx) else {
+            break;
+        };
+        read_ahead += frame.data_ref().map_or(0, Bytes::len).max(1);
         state.ready.push_back(frame);
     }
+    // The rest is read at the client's pace, which may be slower than a
+    // lease: the lock is renewed until the body ends.
+    state.keep_alive();
     // A body that ended here settles before the response is returned.
     let write = std::mem::take(&mut state.write);
     (
@@ -91,6 +101,10 @@ where
         write,
     )
 }
+
+/// How many bytes of a streaming body are read before its head is
+/// returned, at most (a frame counts at least one).
+const READ_AHEAD_LIMIT: usize = 64 * 1024;
 
 /// What a response body had ready when the handler returned its head.
 enum BodyAtHead {

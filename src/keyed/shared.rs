@@ -23,7 +23,7 @@ impl Shared {
                 config.body_timeout,
                 config.retry_after,
             ),
-            leases: LeaseKeeper::new(Arc::clone(&config.store), config.lease),
+            leases: LeaseKeeper::new(Arc::clone(&config.store), config.lease, config.max_hold),
             config,
             metrics,
         })

@@ -46,6 +46,17 @@ pub use postgres::PostgresStore;
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use redis::RedisStore;
 
+/// The longest a shipped store keeps a lease or a record: ten years. A
+/// longer duration (the layer never asks for one) is shortened to it, so
+/// that no expiry overflows a clock, Redis's `PEXPIRE` or a PostgreSQL
+/// interval.
+pub const MAX_EXPIRY: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+
+/// `duration` in whole milliseconds, at least 1 and at most [`MAX_EXPIRY`].
+pub(crate) fn expiry_millis(duration: Duration) -> u64 {
+    duration.min(MAX_EXPIRY).as_millis().max(1) as u64
+}
+
 /// What [`Store::begin`] found for a key.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -144,6 +155,10 @@ pub enum StoreError {
     /// The store is at its capacity and refuses new keys.
     #[error("the store is full")]
     Full,
+    /// The key's scope holds as many records as one scope may; other
+    /// scopes are still served.
+    #[error("the store holds as many records for this scope as it allows")]
+    ScopeFull,
     /// A stored record could not be read back.
     #[error("a stored record could not be decoded: {0}")]
     Decode(#[from] DecodeError),

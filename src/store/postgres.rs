@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::{PgPool, Row};
 
-use super::{BeginOutcome, Completion, DecodeError, LockToken, Store, StoreError};
+use super::{expiry_millis, BeginOutcome, Completion, DecodeError, LockToken, Store, StoreError};
 use crate::key::{Fingerprint, RecordKey};
 
 const IN_FLIGHT: i16 = 0;
@@ -202,9 +202,7 @@ CREATE INDEX IF NOT EXISTS {index}_expires_at ON {t} (expires_at);
 }
 
 fn millis(duration: Duration) -> i64 {
-    i64::try_from(duration.as_millis())
-        .unwrap_or(i64::MAX)
-        .max(1)
+    expiry_millis(duration) as i64
 }
 
 fn token_bytes(token: LockToken) -> [u8; 16] {

@@ -18,12 +18,12 @@ pub struct StoredResponse {
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the
 /// response, so they are never stored. `content-length` is recomputed from
-/// the stored body on replay.
-static NOT_STORED: [HeaderName; 8] = [
+/// the stored body on replay. `Trailer` is kept: it names the trailer
+/// fields, and an HTTP/1.1 server sends only the trailers it names.
+static NOT_STORED: [HeaderName; 7] = [
     header::CONNECTION,
     header::TRANSFER_ENCODING,
     header::TE,
-    header::TRAILER,
     header::UPGRADE,
     header::PROXY_AUTHENTICATE,
     header::CONTENT_LENGTH,

@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{aio::ConnectionManager, Script};
 
-use super::{BeginOutcome, Completion, LockToken, Store, StoreError};
+use super::{expiry_millis, BeginOutcome, Completion, LockToken, Store, StoreError};
 use crate::key::{Fingerprint, RecordKey};
 
 /// Each record is one hash: `f` fingerprint, `s` state (`i` in flight, `c`
@@ -149,12 +149,6 @@ impl RedisStore {
     }
 }
 
-fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
-
 #[async_trait]
 impl Store for RedisStore {
     async fn begin(
@@ -170,7 +164,7 @@ impl Store for RedisStore {
             .key(self.key(key))
             .arg(&fingerprint.as_bytes()[..])
             .arg(token.to_string())
-            .arg(millis(lease))
+            .arg(expiry_millis(lease))
             .invoke_async(&mut self.connection.clone())
             .await
             .map_err(StoreError::backend)?;
@@ -204,7 +198,7 @@ impl Store for RedisStore {
                 .arg(token.to_string())
                 .arg(state)
                 .arg(&record[..])
-                .arg(millis(ttl));
+                .arg(expiry_millis(ttl));
         })
         .await
     }
@@ -223,7 +217,7 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.held(&self.scripts.renew, key, |script| {
-            script.arg(token.to_string()).arg(millis(lease));
+            script.arg(token.to_string()).arg(expiry_millis(lease));
         })
         .await
     }

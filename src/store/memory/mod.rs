@@ -13,7 +13,7 @@ use dashmap::{mapref::entry::Entry as MapEntry, DashMap};
 use tokio::time::Instant;
 
 use self::seeded::Seeded;
-use super::{BeginOutcome, Completion, LockToken, Store, StoreError};
+use super::{expiry_millis, BeginOutcome, Completion, LockToken, Store, StoreError};
 use crate::key::{Fingerprint, RecordKey};
 
 mod limits;
@@ -54,6 +54,8 @@ struct Inner {
     limits: MemoryLimits,
     sweep_interval: Duration,
     usage: Usage,
+    /// Records held per scope tag.
+    scopes: DashMap<u64, AtomicUsize, Seeded>,
     sweeper_started: AtomicBool,
 }
 
@@ -131,6 +133,7 @@ impl MemoryStore {
                     entries: AtomicUsize::new(0),
                     bytes: AtomicUsize::new(0),
                 },
+                scopes: DashMap::with_hasher(Seeded::new()),
                 sweeper_started: AtomicBool::new(false),
             }),
         }
@@ -166,19 +169,31 @@ impl MemoryStore {
             self.inner.sweeper_started.store(false, Ordering::Release);
             return;
         };
-        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        let sweeping = Sweeping(Arc::downgrade(&self.inner));
         let interval = self.inner.sweep_interval;
         handle.spawn(async move {
             let mut ticks = tokio::time::interval_at(Instant::now() + interval, interval);
             ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 ticks.tick().await;
-                match weak.upgrade() {
+                match sweeping.0.upgrade() {
                     Some(inner) => inner.sweep(),
                     None => return,
                 }
             }
         });
+    }
+}
+
+/// Held by the sweep task: when the task ends, whether the store is gone
+/// or the runtime it ran on shut down, the next `begin` starts another.
+struct Sweeping(Weak<Inner>);
+
+impl Drop for Sweeping {
+    fn drop(&mut self) {
+        if let Some(inner) = self.0.upgrade() {
+            inner.sweeper_started.store(false, Ordering::Release);
+        }
     }
 }
 
@@ -189,21 +204,58 @@ impl Inner {
 
     fn sweep(&self) {
         let now = self.now();
-        self.map.retain(|_, entry| {
+        self.map.retain(|key, entry| {
             if entry.expires_at > now {
                 return true;
             }
-            self.forget(entry);
+            self.forget(key, entry);
             false
         });
+        // Scopes that hold nothing any more are dropped; a begin that
+        // counts into one holds its shard's read lock, so it cannot be
+        // dropped under it.
+        self.scopes
+            .retain(|_, held| held.load(Ordering::Relaxed) > 0);
     }
 
     /// Accounts for an entry leaving the map.
-    fn forget(&self, entry: &Entry) {
+    fn forget(&self, key: &RecordKey, entry: &Entry) {
         self.usage.entries.fetch_sub(1, Ordering::Relaxed);
+        if let Some(held) = self.scopes.get(&key.scope_tag()) {
+            held.fetch_sub(1, Ordering::Relaxed);
+        }
         if let State::Completed(record) = &entry.state {
             self.usage.bytes.fetch_sub(record.len(), Ordering::Relaxed);
         }
+    }
+
+    /// Counts a new record in, if both the store and its scope have room.
+    fn admit(&self, key: &RecordKey) -> Result<(), StoreError> {
+        let admitted = |held: &AtomicUsize, limit: usize| {
+            held.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+        };
+        if !admitted(&self.usage.entries, self.limits.max_entries) {
+            return Err(StoreError::Full);
+        }
+        let tag = key.scope_tag();
+        let in_scope = match self.scopes.get(&tag) {
+            Some(held) => admitted(&held, self.limits.max_entries_per_scope),
+            None => admitted(
+                &self
+                    .scopes
+                    .entry(tag)
+                    .or_insert_with(|| AtomicUsize::new(0)),
+                self.limits.max_entries_per_scope,
+            ),
+        };
+        if !in_scope {
+            self.usage.entries.fetch_sub(1, Ordering::Relaxed);
+            return Err(StoreError::ScopeFull);
+        }
+        Ok(())
     }
 
     fn reserve_bytes(&self, size: usize) -> bool {
@@ -232,7 +284,7 @@ impl Store for MemoryStore {
         // The token is drawn only when the key is actually taken.
         let fresh = |token: LockToken| Entry {
             fingerprint,
-            expires_at: now + millis(lease),
+            expires_at: after(now, lease),
             state: State::InFlight(token_words(token)),
         };
         match inner.map.entry(*key) {
@@ -259,16 +311,7 @@ impl Store for MemoryStore {
                 })
             }
             MapEntry::Vacant(vacant) => {
-                let admitted = inner
-                    .usage
-                    .entries
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                        (n < inner.limits.max_entries).then_some(n + 1)
-                    })
-                    .is_ok();
-                if !admitted {
-                    return Err(StoreError::Full);
-                }
+                inner.admit(key)?;
                 let token = LockToken::random();
                 vacant.insert(fresh(token));
                 Ok(BeginOutcome::Acquired(token))
@@ -284,7 +327,7 @@ impl Store for MemoryStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let mut entry = self.held(key, token)?;
-        entry.expires_at = self.inner.now() + millis(ttl);
+        entry.expires_at = after(self.inner.now(), ttl);
         entry.state = match outcome {
             Completion::Response(record) => {
                 let size = record.len();
@@ -310,8 +353,8 @@ impl Store for MemoryStore {
             |_, entry| matches!(entry.state, State::InFlight(held) if held == token),
         );
         match removed {
-            Some((_, entry)) => {
-                self.inner.forget(&entry);
+            Some((key, entry)) => {
+                self.inner.forget(&key, &entry);
                 Ok(())
             }
             None => Err(StoreError::LockLost),
@@ -324,7 +367,7 @@ impl Store for MemoryStore {
         token: LockToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.held(key, token)?.expires_at = self.inner.now() + millis(lease);
+        self.held(key, token)?.expires_at = after(self.inner.now(), lease);
         Ok(())
     }
 }
@@ -347,4 +390,9 @@ impl MemoryStore {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The time `duration` after `now`, in the store's milliseconds.
+fn after(now: u64, duration: Duration) -> u64 {
+    now.saturating_add(expiry_millis(duration))
 }

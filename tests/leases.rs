@@ -1,0 +1,189 @@
+//! How long a key stays locked: leases renewed while their request runs,
+//! never longer than the longest holding time, whatever one slow store
+//! call or one runtime does.
+
+mod common;
+
+use std::{
+    future::Future,
+    sync::{Arc, Mutex},
+    task::Context,
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use common::{app, post, read, send, spawn_send, Counter};
+use http::StatusCode;
+use tower::{Layer, ServiceExt};
+use tower_idempotency::{
+    key::{Fingerprint, RecordKey},
+    store::{BeginOutcome, Completion, LockToken, MemoryStore, StoreError},
+    IdempotencyLayer, Store,
+};
+
+const LEASE: Duration = Duration::from_millis(150);
+
+/// A memory store with scripted slowness: `complete` takes
+/// `complete_delay`, and `renew` of the first key it is asked to renew
+/// never returns.
+#[derive(Debug, Default)]
+struct Stalling {
+    store: MemoryStore,
+    complete_delay: Duration,
+    hang_first_renewal: bool,
+    hung: Mutex<Option<RecordKey>>,
+}
+
+#[async_trait]
+impl Store for Stalling {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        self.store.begin(key, fingerprint, lease).await
+    }
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        completion: Completion,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        tokio::time::sleep(self.complete_delay).await;
+        self.store.complete(key, token, completion, ttl).await
+    }
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        self.store.release(key, token).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let hangs = self.hang_first_renewal && {
+            let mut hung = self.hung.lock().unwrap();
+            *hung.get_or_insert(*key) == *key
+        };
+        if hangs {
+            std::future::pending::<()>().await;
+        }
+        self.store.renew(key, token, lease).await
+    }
+}
+
+fn layer_on(store: Stalling) -> IdempotencyLayer {
+    IdempotencyLayer::new(store).with_lease(LEASE)
+}
+
+#[tokio::test]
+async fn a_slow_completion_keeps_its_lease_until_the_store_has_it() {
+    let counter = Counter::default();
+    let layer = layer_on(Stalling {
+        complete_delay: LEASE * 3,
+        ..Stalling::default()
+    });
+    let svc = app(&layer, counter.handler(Duration::ZERO));
+    let first = spawn_send(&svc, post("/payments", Some("slow-complete"), "{}"));
+    // Past a whole lease into the completion: the key must still be held.
+    tokio::time::sleep(LEASE * 2).await;
+    let during = send(&svc, post("/payments", Some("slow-complete"), "{}")).await;
+    assert_eq!(during.status(), StatusCode::CONFLICT);
+    let (head, _) = first.await.unwrap();
+    assert_eq!(head.status, StatusCode::CREATED);
+    let (after, _) = read(send(&svc, post("/payments", Some("slow-complete"), "{}")).await).await;
+    assert_eq!(after.headers["idempotent-replayed"], "true");
+    assert_eq!(counter.runs(), 1);
+}
+
+#[tokio::test]
+async fn a_renewal_that_never_returns_does_not_hold_up_the_others() {
+    let counter = Counter::default();
+    let store = Arc::new(Stalling {
+        hang_first_renewal: true,
+        ..Stalling::default()
+    });
+    let layer =
+        IdempotencyLayer::with_shared_store(Arc::clone(&store) as Arc<dyn Store>).with_lease(LEASE);
+    let svc = app(&layer, counter.handler(LEASE * 5));
+    let first = spawn_send(&svc, post("/payments", Some("renew-a"), "{}"));
+    let second = spawn_send(&svc, post("/payments", Some("renew-b"), "{}"));
+    // Three leases in, the key whose renewal did not hang must have been
+    // renewed all along, and still be held.
+    tokio::time::sleep(LEASE * 3).await;
+    let hung = store.hung.lock().unwrap().expect("a renewal was attempted");
+    let healthy = if hung == RecordKey::new(b"", "renew-a") {
+        "renew-b"
+    } else {
+        "renew-a"
+    };
+    let during = send(&svc, post("/payments", Some(healthy), "{}")).await;
+    assert_eq!(during.status(), StatusCode::CONFLICT);
+    first.await.unwrap();
+    second.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_held_past_the_longest_holding_time_frees_itself() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::default()
+        .with_lease(Duration::from_millis(60))
+        .with_max_hold(Duration::from_millis(200));
+    // A handler that never answers, left running in the background.
+    let svc = app(&layer, counter.handler(Duration::from_secs(3600)));
+    let endless = spawn_send(&svc, post("/payments", Some("endless"), "{}"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let held = send(&svc, post("/payments", Some("endless"), "{}")).await;
+    assert_eq!(held.status(), StatusCode::CONFLICT);
+    // Past the holding time and one lease more, the key is free again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let retry = tokio::time::timeout(
+        Duration::from_millis(100),
+        send(&svc, post("/payments", Some("endless"), "{}")),
+    )
+    .await;
+    assert!(retry.is_err(), "the retry should be running the handler");
+    assert_eq!(counter.runs(), 2);
+    endless.abort();
+}
+
+#[test]
+fn leases_are_renewed_again_after_the_first_runtime_has_gone() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::default().with_lease(Duration::from_millis(60));
+    let svc = app(&layer, counter.handler(Duration::from_millis(300)));
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    // The first runtime runs a request long enough to start the renewals,
+    // then shuts down with them.
+    runtime().block_on(async {
+        let (head, _) =
+            read(send(&svc, post("/payments", Some("first-runtime"), "{}")).await).await;
+        assert_eq!(head.status, StatusCode::CREATED);
+    });
+    runtime().block_on(async {
+        let long = spawn_send(&svc, post("/payments", Some("second-runtime"), "{}"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let during = send(&svc, post("/payments", Some("second-runtime"), "{}")).await;
+        assert_eq!(during.status(), StatusCode::CONFLICT);
+        long.await.unwrap();
+    });
+    assert_eq!(counter.runs(), 2);
+}
+
+#[test]
+fn a_request_polled_outside_a_tokio_runtime_does_not_panic() {
+    let layer = IdempotencyLayer::default();
+    let svc = layer.layer(tower::service_fn(|_: http::Request<_>| {
+        std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>()
+    }));
+    let mut call = Box::pin(svc.oneshot(post("/payments", Some("no-runtime"), "{}")));
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    assert!(call.as_mut().poll(&mut cx).is_pending());
+}
