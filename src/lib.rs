@@ -45,7 +45,8 @@
 //! | same key, same request, first still running | 409 `request-in-flight`, `Retry-After` |
 //! | same key, same request, completed | stored response, `Idempotent-Replayed: true` |
 //! | same key, different method, path, query, body or headers | 422 `key-reused` |
-//! | store unreachable or full | 503 `store-unavailable` (or fail open) |
+//! | one client holds its share of the memory store | 429 `too-many-keys` |
+//! | store unreachable or full | 503 `store-unavailable` (fail open only if unreachable) |
 //!
 //! Errors are `application/problem+json` documents; see [`problem`].
 //!

@@ -742,6 +742,9 @@ async fn longest_ttl_keeps_the_response_instead_of_wrapping() {
         &layer().with_ttl(Duration::MAX),
         counter.handler(Duration::ZERO),
     );
+    // The store's clock must have moved on from its epoch for an
+    // overflowing expiry to wrap.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     send(&svc, post("/payments", Some("ttl-max"), "{}")).await;
     let retry = send(&svc, post("/payments", Some("ttl-max"), "{}")).await;
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
