@@ -62,6 +62,15 @@ mod real {
             self.calls.fetch_add(1, Ordering::Relaxed);
             self.inner.release(key, token).await
         }
+        async fn fence(
+            &self,
+            key: &RecordKey,
+            token: LockToken,
+            ttl: Duration,
+        ) -> Result<(), StoreError> {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.inner.fence(key, token, ttl).await
+        }
         async fn renew(
             &self,
             key: &RecordKey,

@@ -21,7 +21,8 @@ use tower_idempotency::{
 };
 
 /// One record: the fingerprint it was taken with, what it holds, and when
-/// it stops counting (the lease while in flight, the TTL after).
+/// it stops counting (the lease while in flight and unfenced, the TTL once
+/// fenced or completed).
 #[derive(Debug)]
 struct Record {
     fingerprint: Fingerprint,
@@ -31,7 +32,13 @@ struct Record {
 
 #[derive(Debug)]
 enum State {
-    InFlight(LockToken),
+    InFlight {
+        token: LockToken,
+        /// Set by `fence`: the effect is committed, so the record must
+        /// outlive the lease and be recovered, never run afresh.
+        fenced: bool,
+        lease_until: Instant,
+    },
     Completed(Bytes),
     NotReplayable,
 }
@@ -51,11 +58,8 @@ impl HashMapStore {
         step: impl FnOnce(&mut HashMap<RecordKey, Record>) -> T,
     ) -> Result<T, StoreError> {
         let mut records = self.records.lock().expect("not poisoned");
-        match records.get(key) {
-            Some(Record {
-                state: State::InFlight(held),
-                ..
-            }) if *held == token => Ok(step(&mut records)),
+        match records.get(key).map(|r| &r.state) {
+            Some(State::InFlight { token: held, .. }) if *held == token => Ok(step(&mut records)),
             _ => Err(StoreError::LockLost),
         }
     }
@@ -71,12 +75,23 @@ impl Store for HashMapStore {
     ) -> Result<BeginOutcome, StoreError> {
         let now = Instant::now();
         let mut records = self.records.lock().expect("not poisoned");
-        if let Some(record) = records.get(key).filter(|r| r.expires_at > now) {
+        if let Some(record) = records.get_mut(key).filter(|r| r.expires_at > now) {
             if record.fingerprint != *fingerprint {
                 return Ok(BeginOutcome::Mismatch);
             }
-            return Ok(match &record.state {
-                State::InFlight(_) => BeginOutcome::InFlight,
+            return Ok(match &mut record.state {
+                State::InFlight {
+                    token,
+                    fenced: true,
+                    lease_until,
+                } if *lease_until <= now => {
+                    // Its holder committed the effect and went away.
+                    *token = LockToken::random();
+                    *lease_until = now + lease;
+                    record.expires_at = record.expires_at.max(*lease_until);
+                    BeginOutcome::Recover(*token)
+                }
+                State::InFlight { .. } => BeginOutcome::InFlight,
                 State::Completed(response) => BeginOutcome::Completed(response.clone()),
                 State::NotReplayable => BeginOutcome::NotReplayable,
             });
@@ -87,7 +102,11 @@ impl Store for HashMapStore {
             *key,
             Record {
                 fingerprint: *fingerprint,
-                state: State::InFlight(token),
+                state: State::InFlight {
+                    token,
+                    fenced: false,
+                    lease_until: now + lease,
+                },
                 expires_at: now + lease,
             },
         );
@@ -113,8 +132,39 @@ impl Store for HashMapStore {
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         self.with_held(key, token, |records| {
-            records.remove(key);
+            let record = records.get_mut(key).expect("held");
+            match &mut record.state {
+                // A fenced record stays; its lease ends now.
+                State::InFlight {
+                    fenced: true,
+                    lease_until,
+                    ..
+                } => *lease_until = Instant::now(),
+                _ => {
+                    records.remove(key);
+                }
+            }
         })
+    }
+
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.with_held(key, token, |records| {
+            let record = records.get_mut(key).expect("held");
+            let State::InFlight { fenced, .. } = &mut record.state else {
+                unreachable!("held records are in flight");
+            };
+            if *fenced {
+                return Err(StoreError::EffectCommitted);
+            }
+            *fenced = true;
+            record.expires_at = record.expires_at.max(Instant::now() + ttl);
+            Ok(())
+        })?
     }
 
     async fn renew(
@@ -124,7 +174,20 @@ impl Store for HashMapStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.with_held(key, token, |records| {
-            records.get_mut(key).expect("held").expires_at = Instant::now() + lease;
+            let record = records.get_mut(key).expect("held");
+            let until = Instant::now() + lease;
+            if let State::InFlight {
+                fenced,
+                lease_until,
+                ..
+            } = &mut record.state
+            {
+                *lease_until = until;
+                if !*fenced {
+                    record.expires_at = until;
+                }
+            }
+            record.expires_at = record.expires_at.max(until);
         })
     }
 }

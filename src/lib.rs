@@ -66,6 +66,7 @@ mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
+mod execution;
 mod future;
 pub mod key;
 mod keyed;
@@ -77,6 +78,7 @@ mod service;
 pub mod store;
 
 pub use crate::{
+    execution::Execution,
     future::ResponseFuture,
     layer::IdempotencyLayer,
     policy::{ClientDisconnect, InFlightPolicy, KeepPolicy, NotExecuted, StoreFailure},

@@ -16,6 +16,9 @@ pub enum Decision {
     Rejected,
     /// First use of a key: the inner service ran.
     Executed,
+    /// The key's earlier holder fenced it and stored no response: the
+    /// inner service ran as a recovery.
+    Recovered,
     /// A stored response was replayed.
     Replayed,
     /// The key is in flight: 409.
@@ -35,6 +38,7 @@ impl Decision {
             Self::PassThrough => "pass_through",
             Self::Rejected => "rejected",
             Self::Executed => "executed",
+            Self::Recovered => "recovered",
             Self::Replayed => "replayed",
             Self::Conflict => "conflict",
             Self::Mismatch => "mismatch",
@@ -43,10 +47,11 @@ impl Decision {
         }
     }
 
-    const ALL: [Self; 8] = [
+    const ALL: [Self; 9] = [
         Self::PassThrough,
         Self::Rejected,
         Self::Executed,
+        Self::Recovered,
         Self::Replayed,
         Self::Conflict,
         Self::Mismatch,
@@ -69,7 +74,7 @@ impl Decision {
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
-    counts: Arc<[AtomicU64; 8]>,
+    counts: Arc<[AtomicU64; 9]>,
 }
 
 impl Metrics {

@@ -54,6 +54,9 @@ impl Store for DeadStore {
     async fn release(&self, _: &RecordKey, _: LockToken) -> Result<(), StoreError> {
         Err(StoreError::backend("connection refused"))
     }
+    async fn fence(&self, _: &RecordKey, _: LockToken, _: Duration) -> Result<(), StoreError> {
+        Err(StoreError::backend("connection refused"))
+    }
     async fn renew(&self, _: &RecordKey, _: LockToken, _: Duration) -> Result<(), StoreError> {
         Err(StoreError::backend("connection refused"))
     }
@@ -93,6 +96,14 @@ impl Store for SlowToComplete {
     }
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         self.store.release(key, token).await
+    }
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.fence(key, token, ttl).await
     }
     async fn renew(
         &self,
@@ -579,6 +590,9 @@ impl Store for CorruptStore {
         Ok(())
     }
     async fn release(&self, _: &RecordKey, _: LockToken) -> Result<(), StoreError> {
+        Ok(())
+    }
+    async fn fence(&self, _: &RecordKey, _: LockToken, _: Duration) -> Result<(), StoreError> {
         Ok(())
     }
     async fn renew(&self, _: &RecordKey, _: LockToken, _: Duration) -> Result<(), StoreError> {

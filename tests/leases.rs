@@ -57,6 +57,14 @@ impl Store for Stalling {
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         self.store.release(key, token).await
     }
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.fence(key, token, ttl).await
+    }
     async fn renew(
         &self,
         key: &RecordKey,

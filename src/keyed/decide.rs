@@ -17,8 +17,8 @@ use crate::{
     metrics::Decision,
     policy::{InFlightPolicy, StoreFailure},
     problem::ProblemKind,
-    store::{BeginOutcome, StoreError, StoredResponse},
-    BoxError,
+    store::{BeginOutcome, LockToken, StoreError, StoredResponse},
+    BoxError, Execution,
 };
 
 /// What a keyed request is answered with.
@@ -75,7 +75,7 @@ where
             Err(_) => return Ok(rejected(&shared, ProblemKind::BodyTimeout)),
         };
         let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
-        let req = Request::from_parts(parts, RequestBody::buffered(body));
+        let mut req = Request::from_parts(parts, RequestBody::buffered(body));
 
         let deadline = match config.in_flight {
             InFlightPolicy::Wait(limit) => Some(Instant::now() + limit),
@@ -90,6 +90,16 @@ where
             let (decision, kind) = match begun {
                 Ok(BeginOutcome::Acquired(token)) => {
                     shared.metrics.record(Decision::Executed);
+                    req.extensions_mut()
+                        .insert(execution(&shared, record, token, false));
+                    let lock = LockGuard::new(shared, record, token);
+                    return Box::pin(first_use(Box::pin(inner.call(req)), lock)).await;
+                }
+                Ok(BeginOutcome::Recover(token)) => {
+                    shared.metrics.record(Decision::Recovered);
+                    tracing::warn!(key = ?record, "recovering a key whose earlier holder fenced it and stored no response");
+                    req.extensions_mut()
+                        .insert(execution(&shared, record, token, true));
                     let lock = LockGuard::new(shared, record, token);
                     return Box::pin(first_use(Box::pin(inner.call(req)), lock)).await;
                 }
@@ -119,6 +129,11 @@ where
             return Ok(whole(shared.problems.response(kind)));
         }
     }
+}
+
+fn execution(shared: &Shared, key: RecordKey, token: LockToken, recovery: bool) -> Execution {
+    let config = &shared.config;
+    Execution::new(key, token, recovery, config.ttl, Arc::clone(&config.store))
 }
 
 fn rejected<B>(shared: &Shared, kind: ProblemKind) -> Response<ResponseBody<B>> {

@@ -4,12 +4,20 @@
 //!
 //! ```text
 //! (absent) --begin--> InFlight { fingerprint, token, lease }
+//! InFlight --fence(token, ttl)--> InFlight { effect committed, kept for ttl }
 //! InFlight --complete(token, Response)------> Completed { response, ttl }
 //! InFlight --complete(token, NotReplayable)-> NotReplayable { ttl }
 //! InFlight --release(token)--> (absent)
+//! InFlight { effect committed } --release(token)--> its lease ends now
 //! InFlight --lease runs out, begin--> InFlight { new token }
+//! InFlight { effect committed } --lease runs out, begin, same fingerprint-->
+//!     Recover { new token, effect still committed }
 //! Completed / NotReplayable --ttl runs out--> (absent)
 //! ```
+//!
+//! A fenced record (its effect committed) is never forgotten before its
+//! TTL: neither its lease running out nor a release deletes it, so the next
+//! request recovers what was committed instead of repeating it.
 //!
 //! Each method is one atomic step, so that a remote store can do it in one
 //! round trip. `complete`, `release` and `renew` carry the [`LockToken`] that
@@ -64,6 +72,11 @@ pub enum BeginOutcome {
     /// The key was free (or its lease had run out): the caller now holds the
     /// lock and must `complete` or `release` it with this token.
     Acquired(LockToken),
+    /// The key's lease ran out after its holder fenced it (committed, or
+    /// was about to commit, its effect): the caller now holds the lock with
+    /// this token, and must render what was committed rather than repeat
+    /// it. The record stays fenced.
+    Recover(LockToken),
     /// Another request with the same fingerprint holds the lock.
     InFlight,
     /// The request completed before; here is its response, exactly the
@@ -159,6 +172,10 @@ pub enum StoreError {
     /// scopes are still served.
     #[error("the store holds as many records for this scope as it allows")]
     ScopeFull,
+    /// The record's effect was already committed (fenced), by this token or
+    /// an earlier holder: render what was committed, do not repeat it.
+    #[error("the effect for this key was already committed")]
+    EffectCommitted,
     /// A stored record could not be read back.
     #[error("a stored record could not be decoded: {0}")]
     Decode(#[from] DecodeError),
@@ -203,8 +220,25 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         ttl: Duration,
     ) -> Result<(), StoreError>;
 
-    /// Frees a key this token holds, so the next request runs again.
+    /// Frees a key this token holds, so the next request runs again. A
+    /// fenced key is not freed: its lease ends now, so the next request
+    /// recovers it at once.
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError>;
+
+    /// Checks, in one atomic step, that `token` still holds `key` and that
+    /// no effect was committed for it yet, and marks the effect committed;
+    /// the record is then kept for at least `ttl`, whatever becomes of the
+    /// lease. A handler calls it just before an effect outside the store.
+    ///
+    /// Fails with [`StoreError::LockLost`] if the token no longer holds the
+    /// key (its lease ran out and another request took it over), and with
+    /// [`StoreError::EffectCommitted`] if the record was fenced already.
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
 
     /// Extends the lease of a key this token holds to `lease` from now.
     async fn renew(
@@ -238,6 +272,15 @@ impl<T: Store + ?Sized> Store for Arc<T> {
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         (**self).release(key, token).await
+    }
+
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        (**self).fence(key, token, ttl).await
     }
 
     async fn renew(

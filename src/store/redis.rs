@@ -8,18 +8,29 @@ use super::{expiry_millis, BeginOutcome, Completion, LockToken, Store, StoreErro
 use crate::key::{Fingerprint, RecordKey};
 
 /// Each record is one hash: `f` fingerprint, `s` state (`i` in flight, `c`
-/// completed, `n` not replayable), `t` lock token, `r` encoded response.
-/// The key's own expiry is the lease while in flight and the TTL after.
+/// completed, `n` not replayable), `t` lock token, `r` encoded response, and
+/// for a fenced record `e` = `1` and `l` its lease's end (server time, ms).
+/// The key's own expiry is the lease while in flight and unfenced, and the
+/// TTL once fenced or completed: a fenced record outlives its lease, so the
+/// next request recovers it instead of running again.
 const BEGIN: &str = r"
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 's', 'f')
+local rec = redis.call('HMGET', k, 's', 'f', 'e', 'l')
 if not rec[1] then
   redis.call('HSET', k, 'f', ARGV[1], 's', 'i', 't', ARGV[2])
   redis.call('PEXPIRE', k, ARGV[3])
   return {'acquired', ''}
 end
 if rec[2] ~= ARGV[1] then return {'mismatch', ''} end
-if rec[1] == 'i' then return {'in_flight', ''} end
+if rec[1] == 'i' then
+  if rec[3] ~= '1' then return {'in_flight', ''} end
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if tonumber(rec[4]) > now then return {'in_flight', ''} end
+  redis.call('HSET', k, 't', ARGV[2], 'l', now + tonumber(ARGV[3]))
+  if redis.call('PTTL', k) < tonumber(ARGV[3]) then redis.call('PEXPIRE', k, ARGV[3]) end
+  return {'recover', ''}
+end
 if rec[1] == 'n' then return {'not_replayable', ''} end
 return {'completed', redis.call('HGET', k, 'r')}
 ";
@@ -35,17 +46,42 @@ return 1
 
 const RELEASE: &str = r"
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 's', 't')
+local rec = redis.call('HMGET', k, 's', 't', 'e')
 if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
-redis.call('DEL', k)
+if rec[3] == '1' then
+  redis.call('HSET', k, 'l', 0)
+else
+  redis.call('DEL', k)
+end
 return 1
 ";
 
 const RENEW: &str = r"
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 's', 't')
+local rec = redis.call('HMGET', k, 's', 't', 'e')
 if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', k, ARGV[2])
+if rec[3] == '1' then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('HSET', k, 'l', now + tonumber(ARGV[2]))
+  if redis.call('PTTL', k) < tonumber(ARGV[2]) then redis.call('PEXPIRE', k, ARGV[2]) end
+else
+  redis.call('PEXPIRE', k, ARGV[2])
+end
+return 1
+";
+
+/// `1` fenced, `0` lock lost, `2` fenced before.
+const FENCE: &str = r"
+local k = KEYS[1]
+local rec = redis.call('HMGET', k, 's', 't', 'e')
+if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
+if rec[3] == '1' then return 2 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = redis.call('PTTL', k)
+redis.call('HSET', k, 'e', '1', 'l', now + lease)
+if lease < tonumber(ARGV[2]) then redis.call('PEXPIRE', k, ARGV[2]) end
 return 1
 ";
 
@@ -78,6 +114,7 @@ struct Scripts {
     complete: Script,
     release: Script,
     renew: Script,
+    fence: Script,
 }
 
 impl fmt::Debug for RedisStore {
@@ -114,6 +151,7 @@ impl RedisStore {
                 complete: Script::new(COMPLETE),
                 release: Script::new(RELEASE),
                 renew: Script::new(RENEW),
+                fence: Script::new(FENCE),
             },
         }
     }
@@ -170,6 +208,7 @@ impl Store for RedisStore {
             .map_err(StoreError::backend)?;
         Ok(match state.as_str() {
             "acquired" => BeginOutcome::Acquired(token),
+            "recover" => BeginOutcome::Recover(token),
             "mismatch" => BeginOutcome::Mismatch,
             "in_flight" => BeginOutcome::InFlight,
             "not_replayable" => BeginOutcome::NotReplayable,
@@ -208,6 +247,28 @@ impl Store for RedisStore {
             script.arg(token.to_string());
         })
         .await
+    }
+
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let fenced: i64 = self
+            .scripts
+            .fence
+            .key(self.key(key))
+            .arg(token.to_string())
+            .arg(expiry_millis(ttl))
+            .invoke_async(&mut self.connection.clone())
+            .await
+            .map_err(StoreError::backend)?;
+        match fenced {
+            1 => Ok(()),
+            2 => Err(StoreError::EffectCommitted),
+            _ => Err(StoreError::LockLost),
+        }
     }
 
     async fn renew(

@@ -79,9 +79,24 @@ struct Entry {
 }
 
 enum State {
+    /// Held by the token until `expires_at`, the end of its lease.
     InFlight([u64; 2]),
+    /// Held by the token until `lease_until`, its effect committed: kept
+    /// until `expires_at`, the end of its TTL, so that no lapsed lease
+    /// lets the request run again.
+    Fenced {
+        token: [u64; 2],
+        lease_until: u64,
+    },
     Completed(Bytes),
     NotReplayable,
+}
+
+impl State {
+    fn held_by(&self, token: LockToken) -> bool {
+        let token = token_words(token);
+        matches!(self, Self::InFlight(held) | Self::Fenced { token: held, .. } if *held == token)
+    }
 }
 
 fn short(fingerprint: &Fingerprint) -> [u8; 16] {
@@ -301,11 +316,21 @@ impl Store for MemoryStore {
                 if entry.fingerprint != fingerprint {
                     return Ok(BeginOutcome::Mismatch);
                 }
+                if let State::Fenced { token, lease_until } = &mut entry.state {
+                    if *lease_until > now {
+                        return Ok(BeginOutcome::InFlight);
+                    }
+                    let taken = LockToken::random();
+                    *token = token_words(taken);
+                    *lease_until = after(now, lease);
+                    entry.expires_at = entry.expires_at.max(*lease_until);
+                    return Ok(BeginOutcome::Recover(taken));
+                }
                 // Only a clone of the record's handle is made under the
                 // shard's lock: the layer decodes it once the lock is gone,
                 // so replays of one hot key hold it as briefly as they can.
                 Ok(match &entry.state {
-                    State::InFlight(_) => BeginOutcome::InFlight,
+                    State::InFlight(_) | State::Fenced { .. } => BeginOutcome::InFlight,
                     State::Completed(record) => BeginOutcome::Completed(record.clone()),
                     State::NotReplayable => BeginOutcome::NotReplayable,
                 })
@@ -347,18 +372,45 @@ impl Store for MemoryStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        let token = token_words(token);
+        let words = token_words(token);
         let removed = self.inner.map.remove_if(
             key,
-            |_, entry| matches!(entry.state, State::InFlight(held) if held == token),
+            |_, entry| matches!(entry.state, State::InFlight(held) if held == words),
         );
-        match removed {
-            Some((key, entry)) => {
-                self.inner.forget(&key, &entry);
+        if let Some((key, entry)) = removed {
+            self.inner.forget(&key, &entry);
+            return Ok(());
+        }
+        // A fenced key is kept; its lease ends now, for the next request
+        // to recover it.
+        let now = self.inner.now();
+        match &mut self.held(key, token)?.state {
+            State::Fenced { lease_until, .. } => {
+                *lease_until = now;
                 Ok(())
             }
-            None => Err(StoreError::LockLost),
+            _ => Err(StoreError::LockLost),
         }
+    }
+
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let now = self.inner.now();
+        let mut entry = self.held(key, token)?;
+        let State::InFlight(held) = entry.state else {
+            return Err(StoreError::EffectCommitted);
+        };
+        let lease_until = entry.expires_at;
+        entry.state = State::Fenced {
+            token: held,
+            lease_until,
+        };
+        entry.expires_at = after(now, ttl).max(lease_until);
+        Ok(())
     }
 
     async fn renew(
@@ -367,7 +419,13 @@ impl Store for MemoryStore {
         token: LockToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.held(key, token)?.expires_at = after(self.inner.now(), lease);
+        let until = after(self.inner.now(), lease);
+        let mut entry = self.held(key, token)?;
+        match &mut entry.state {
+            State::Fenced { lease_until, .. } => *lease_until = until,
+            _ => entry.expires_at = until,
+        }
+        entry.expires_at = entry.expires_at.max(until);
         Ok(())
     }
 }
@@ -381,9 +439,10 @@ impl MemoryStore {
         token: LockToken,
     ) -> Result<dashmap::mapref::one::RefMut<'_, RecordKey, Entry>, StoreError> {
         let entry = self.inner.map.get_mut(key).ok_or(StoreError::LockLost)?;
-        match entry.state {
-            State::InFlight(held) if held == token_words(token) => Ok(entry),
-            _ => Err(StoreError::LockLost),
+        if entry.state.held_by(token) {
+            Ok(entry)
+        } else {
+            Err(StoreError::LockLost)
         }
     }
 }

@@ -4,12 +4,16 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::{PgPool, Row};
 
+use self::sql::Statements;
 use super::{expiry_millis, BeginOutcome, Completion, DecodeError, LockToken, Store, StoreError};
-use crate::key::{Fingerprint, RecordKey};
+use crate::{
+    execution::Execution,
+    key::{Fingerprint, RecordKey},
+};
 
-const IN_FLIGHT: i16 = 0;
-const COMPLETED: i16 = 1;
-const NOT_REPLAYABLE: i16 = 2;
+mod sql;
+
+use sql::{COMPLETED, IN_FLIGHT, NOT_REPLAYABLE};
 
 /// A [`Store`] on PostgreSQL, through the `sqlx::PgPool` your application
 /// already has.
@@ -39,57 +43,6 @@ pub struct PostgresStore {
     pool: PgPool,
     table: String,
     sql: Arc<Statements>,
-}
-
-struct Statements {
-    begin: String,
-    complete: String,
-    release: String,
-    renew: String,
-    delete_expired: String,
-}
-
-impl Statements {
-    fn for_table(t: &str) -> Self {
-        Self {
-            begin: format!(
-                "WITH acquired AS (
-                    INSERT INTO {t} AS r (key, fingerprint, state, token, lease_until, expires_at)
-                    VALUES ($1, $2, {IN_FLIGHT}, $3,
-                            now() + $4 * interval '1 millisecond',
-                            now() + $4 * interval '1 millisecond')
-                    ON CONFLICT (key) DO UPDATE SET
-                        fingerprint = EXCLUDED.fingerprint, state = {IN_FLIGHT},
-                        token = EXCLUDED.token, lease_until = EXCLUDED.lease_until,
-                        expires_at = EXCLUDED.expires_at, response = NULL
-                    WHERE r.expires_at <= now()
-                    RETURNING 1
-                )
-                SELECT TRUE AS acquired, NULL::bytea AS fingerprint, NULL::smallint AS state,
-                       NULL::bytea AS response
-                FROM acquired
-                UNION ALL
-                SELECT FALSE, fingerprint, state,
-                       CASE WHEN fingerprint = $2 THEN response END
-                FROM {t}
-                WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM acquired)"
-            ),
-            complete: format!(
-                "UPDATE {t} SET state = $3, response = $4,
-                        lease_until = NULL, expires_at = now() + $5 * interval '1 millisecond'
-                 WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}"
-            ),
-            release: format!(
-                "DELETE FROM {t} WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}"
-            ),
-            renew: format!(
-                "UPDATE {t} SET lease_until = now() + $3 * interval '1 millisecond',
-                        expires_at = now() + $3 * interval '1 millisecond'
-                 WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}"
-            ),
-            delete_expired: format!("DELETE FROM {t} WHERE expires_at <= now()"),
-        }
-    }
 }
 
 impl fmt::Debug for PostgresStore {
@@ -132,32 +85,32 @@ impl PostgresStore {
         Ok(self)
     }
 
-    /// The SQL that creates the table and its expiry index, if missing.
+    /// The SQL that creates the table and its expiry index, if missing,
+    /// and adds the columns a table made by an earlier build lacks. Run it
+    /// inside a transaction that first takes `pg_advisory_xact_lock`, as
+    /// [`migrate`](Self::migrate) does, if several processes may run it at
+    /// once.
     pub fn migration_sql(&self) -> String {
-        let t = &self.table;
-        let index = t.replace('.', "_");
-        format!(
-            "CREATE TABLE IF NOT EXISTS {t} (
-    key         BYTEA PRIMARY KEY,
-    fingerprint BYTEA NOT NULL,
-    state       SMALLINT NOT NULL,
-    token       BYTEA NOT NULL,
-    lease_until TIMESTAMPTZ,
-    response    BYTEA,
-    expires_at  TIMESTAMPTZ NOT NULL
-);
-CREATE INDEX IF NOT EXISTS {index}_expires_at ON {t} (expires_at);
-"
-        )
+        sql::migration(&self.table)
     }
 
-    /// Creates the table and index if they do not exist.
+    /// Creates the table and index if they do not exist. Any number of
+    /// processes may run it at once on a fresh database: an advisory lock
+    /// on the table's name lets one create while the others wait, then
+    /// find it made. (`CREATE TABLE IF NOT EXISTS` alone is not safe under
+    /// concurrency in PostgreSQL: two creators race on the catalog.)
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        sqlx::raw_sql(&self.migration_sql())
-            .execute(&self.pool)
+        let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("tower-idempotency:{}", self.table))
+            .execute(&mut *tx)
             .await
             .map_err(StoreError::backend)?;
-        Ok(())
+        sqlx::raw_sql(&self.migration_sql())
+            .execute(&mut *tx)
+            .await
+            .map_err(StoreError::backend)?;
+        tx.commit().await.map_err(StoreError::backend)
     }
 
     /// Deletes every expired record; returns how many.
@@ -183,6 +136,71 @@ CREATE INDEX IF NOT EXISTS {index}_expires_at ON {t} (expires_at);
                 }
             }
         })
+    }
+
+    /// Fences the request inside the handler's own transaction: checks that
+    /// `execution` still holds its key and that no effect was committed for
+    /// it, and marks the effect committed, in one statement on `connection`
+    /// (a `&mut Transaction` derefs to one). Call it in the transaction that
+    /// performs the effect, on the database this store's table is in.
+    ///
+    /// The mark commits or rolls back with the effect, so the record and the
+    /// effect can never disagree, whatever dies when. If the lease was taken
+    /// over, this fails with [`StoreError::LockLost`]; if the effect was
+    /// committed already (a recovery that did not check), with
+    /// [`StoreError::EffectCommitted`]: either way, roll back. The row stays
+    /// locked until the transaction ends, so a takeover racing it waits,
+    /// then recovers instead of running again.
+    ///
+    /// ```no_run
+    /// # async fn charge(
+    /// #     pool: sqlx::PgPool,
+    /// #     store: tower_idempotency::store::PostgresStore,
+    /// #     execution: tower_idempotency::Execution,
+    /// # ) -> Result<(), Box<dyn std::error::Error>> {
+    /// let mut tx = pool.begin().await?;
+    /// store.fence_in(&mut tx, &execution).await?;
+    /// sqlx::query("INSERT INTO payments (record_key, amount) VALUES ($1, $2)")
+    ///     .bind(&execution.record_key().as_bytes()[..])
+    ///     .bind(1000_i64)
+    ///     .execute(&mut *tx)
+    ///     .await?;
+    /// tx.commit().await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn fence_in(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        execution: &Execution,
+    ) -> Result<(), StoreError> {
+        self.fence_on(
+            connection,
+            &execution.record_key(),
+            execution.token(),
+            execution.ttl(),
+        )
+        .await
+    }
+
+    async fn fence_on(
+        &self,
+        connection: &mut sqlx::PgConnection,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (fenced, committed): (bool, bool) = sqlx::query_as(&self.sql.fence)
+            .bind(&key.as_bytes()[..])
+            .bind(&token_bytes(token)[..])
+            .bind(millis(ttl))
+            .fetch_one(connection)
+            .await
+            .map_err(StoreError::backend)?;
+        match (fenced, committed) {
+            (true, _) => Ok(()),
+            (false, true) => Err(StoreError::EffectCommitted),
+            (false, false) => Err(StoreError::LockLost),
+        }
     }
 
     async fn held(
@@ -235,7 +253,12 @@ impl Store for PostgresStore {
                 .try_get::<bool, _>("acquired")
                 .map_err(StoreError::backend)?
             {
-                return Ok(BeginOutcome::Acquired(token));
+                let recovered: bool = row.try_get("recovered").map_err(StoreError::backend)?;
+                return Ok(if recovered {
+                    BeginOutcome::Recover(token)
+                } else {
+                    BeginOutcome::Acquired(token)
+                });
             }
             let found: Vec<u8> = row.try_get("fingerprint").map_err(StoreError::backend)?;
             if found != fingerprint.as_bytes() {
@@ -277,12 +300,27 @@ impl Store for PostgresStore {
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         let token = token_bytes(token);
-        self.held(
-            sqlx::query(&self.sql.release)
-                .bind(&key.as_bytes()[..])
-                .bind(&token[..]),
-        )
-        .await
+        let settled: i64 = sqlx::query_scalar(&self.sql.release)
+            .bind(&key.as_bytes()[..])
+            .bind(&token[..])
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if settled == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LockLost)
+        }
+    }
+
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.pool.acquire().await.map_err(StoreError::backend)?;
+        self.fence_on(&mut connection, key, token, ttl).await
     }
 
     async fn renew(

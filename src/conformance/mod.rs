@@ -18,6 +18,10 @@ use std::{sync::Arc, time::Duration};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 
+mod fence;
+
+pub use fence::*;
+
 use crate::{
     key::{Fingerprint, RecordKey},
     store::{BeginOutcome, Completion, LockToken, Store, StoreError, StoredResponse},
@@ -393,7 +397,13 @@ macro_rules! store_conformance_tests {
             keys_are_independent,
             concurrent_begins_acquire_exactly_once,
             concurrent_readers_see_whole_records,
-            works_as_a_trait_object
+            works_as_a_trait_object,
+            holder_fences_once,
+            taken_over_holder_cannot_fence,
+            fenced_key_is_in_flight_while_its_lease_lasts,
+            fenced_key_is_recovered_after_its_lease,
+            released_fenced_key_is_recovered_not_run_again,
+            recovering_holder_renews_its_lease
         );
     };
     (@each $make:expr; $($check:ident),+ $(,)?) => {
