@@ -10,13 +10,26 @@
 //!
 //! Settings, from the environment:
 //! - `PORT`: the port on 127.0.0.1 (default 3000; 0 picks a free one);
-//! - `PAYMENT_DELAY_MS`: simulated processing time (default 0);
+//! - `PAYMENT_DELAY_MS`: simulated processing time before the payment is
+//!   committed (default 0);
+//! - `PAYMENT_AFTER_COMMIT_MS`: time spent after the commit and before the
+//!   response, standing in for work after the charge such as notifying a
+//!   ledger (default 0);
 //! - `IDEMPOTENCY_TTL_SECS`: how long responses are kept (default 86400);
 //! - `IDEMPOTENCY_LEASE_MS`: how long a lock outlives a crashed holder
 //!   (default 60000);
 //! - `IDEMPOTENCY_STORE`: `memory` (default), a `redis://` URL (feature
 //!   `redis`), a `postgres://` URL (feature `postgres`), or `off` to serve
 //!   without the layer, as a baseline for load tests.
+//!
+//! On PostgreSQL the payments themselves live in a `payments` table, each
+//! inserted in the same transaction as the layer's fence
+//! (`PostgresStore::fence_in`): a payment is committed exactly when its key
+//! is marked, so a replica that dies after the commit leaves a key the next
+//! one recovers (answering with the committed payment, same id), and one
+//! that stalls past its lease finds its fence refused and rolls back. Every
+//! replica reads every payment from the table. With the memory and Redis
+//! stores the payments live in this process's memory.
 
 use std::{
     collections::BTreeMap,
@@ -30,11 +43,11 @@ use axum::{
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
-    Json, Router,
+    Extension, Json, Router,
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{IdempotencyLayer, MemoryStore, Store};
+use tower_idempotency::{Execution, IdempotencyLayer, MemoryStore, Store};
 
 #[derive(Clone, Serialize)]
 struct Payment {
@@ -43,7 +56,7 @@ struct Payment {
     currency: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     description: Option<String>,
-    status: &'static str,
+    status: String,
 }
 
 #[derive(Deserialize)]
@@ -56,8 +69,40 @@ struct NewPayment {
 
 #[derive(Clone)]
 struct App {
-    payments: Arc<Mutex<BTreeMap<String, Payment>>>,
+    ledger: Ledger,
     delay: Duration,
+    after_commit: Duration,
+}
+
+/// Where payments are kept.
+#[derive(Clone)]
+enum Ledger {
+    Memory(Arc<Mutex<BTreeMap<String, Payment>>>),
+    #[cfg(feature = "postgres")]
+    Postgres(postgres::Ledger),
+}
+
+impl Ledger {
+    async fn list(&self) -> Result<Vec<Payment>, String> {
+        match self {
+            Self::Memory(payments) => Ok(payments
+                .lock()
+                .expect("payments lock")
+                .values()
+                .cloned()
+                .collect()),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(ledger) => ledger.list().await,
+        }
+    }
+
+    async fn get(&self, id: &str) -> Result<Option<Payment>, String> {
+        match self {
+            Self::Memory(payments) => Ok(payments.lock().expect("payments lock").get(id).cloned()),
+            #[cfg(feature = "postgres")]
+            Self::Postgres(ledger) => ledger.get(id).await,
+        }
+    }
 }
 
 fn invalid(detail: impl Into<String>) -> Response {
@@ -87,7 +132,11 @@ fn fresh_id() -> String {
     format!("pay_{:016x}", hasher.finish())
 }
 
-async fn create(State(app): State<App>, body: Bytes) -> Response {
+async fn create(
+    State(app): State<App>,
+    execution: Option<Extension<Execution>>,
+    body: Bytes,
+) -> Response {
     let new: NewPayment = match serde_json::from_slice(&body) {
         Ok(new) => new,
         Err(err) => return invalid(format!("the body must be a payment object: {err}")),
@@ -98,39 +147,61 @@ async fn create(State(app): State<App>, body: Bytes) -> Response {
     if new.currency.len() != 3 || !new.currency.bytes().all(|b| b.is_ascii_alphabetic()) {
         return invalid("currency must be three letters, such as EUR");
     }
-    if !app.delay.is_zero() {
-        tokio::time::sleep(app.delay).await;
-    }
     let payment = Payment {
         id: fresh_id(),
         amount: new.amount,
         currency: new.currency.to_ascii_uppercase(),
         description: new.description,
-        status: "succeeded",
+        status: "succeeded".to_owned(),
     };
-    app.payments
-        .lock()
-        .expect("payments lock")
-        .insert(payment.id.clone(), payment.clone());
+    let payment = match &app.ledger {
+        Ledger::Memory(payments) => {
+            if !app.delay.is_zero() {
+                tokio::time::sleep(app.delay).await;
+            }
+            payments
+                .lock()
+                .expect("payments lock")
+                .insert(payment.id.clone(), payment.clone());
+            payment
+        }
+        #[cfg(feature = "postgres")]
+        Ledger::Postgres(ledger) => {
+            let Some(Extension(execution)) = execution else {
+                return server_error("a payment on PostgreSQL needs the idempotency layer");
+            };
+            match ledger.charge(payment, &execution, app.delay).await {
+                Ok(payment) => payment,
+                Err(answer) => return answer,
+            }
+        }
+    };
+    #[cfg(not(feature = "postgres"))]
+    let _ = execution;
+    if !app.after_commit.is_zero() {
+        tokio::time::sleep(app.after_commit).await;
+    }
     (StatusCode::CREATED, Json(payment)).into_response()
 }
 
-async fn list(State(app): State<App>) -> Json<Vec<Payment>> {
-    Json(
-        app.payments
-            .lock()
-            .expect("payments lock")
-            .values()
-            .cloned()
-            .collect(),
-    )
+async fn list(State(app): State<App>) -> Response {
+    match app.ledger.list().await {
+        Ok(payments) => Json(payments).into_response(),
+        Err(err) => server_error(&err),
+    }
 }
 
 async fn show(State(app): State<App>, Path(id): Path<String>) -> Response {
-    match app.payments.lock().expect("payments lock").get(&id) {
-        Some(payment) => Json(payment.clone()).into_response(),
-        None => StatusCode::NOT_FOUND.into_response(),
+    match app.ledger.get(&id).await {
+        Ok(Some(payment)) => Json(payment).into_response(),
+        Ok(None) => StatusCode::NOT_FOUND.into_response(),
+        Err(err) => server_error(&err),
     }
+}
+
+fn server_error(detail: &str) -> Response {
+    eprintln!("payments: {detail}");
+    (StatusCode::INTERNAL_SERVER_ERROR, detail.to_owned()).into_response()
 }
 
 fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -142,28 +213,26 @@ fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
     }
 }
 
-async fn store_from(url: &str) -> Result<Option<Arc<dyn Store>>, String> {
+/// The store the layer uses (`None` when it is off) and where payments live.
+async fn setup(url: &str) -> Result<(Option<Arc<dyn Store>>, Ledger), String> {
+    let in_memory = || Ledger::Memory(Arc::default());
     match url {
-        "off" => Ok(None),
-        "" | "memory" => Ok(Some(Arc::new(MemoryStore::new()))),
+        "off" => Ok((None, in_memory())),
+        "" | "memory" => Ok((Some(Arc::new(MemoryStore::new())), in_memory())),
         #[cfg(feature = "redis")]
         url if url.starts_with("redis://") => {
             let store = tower_idempotency::store::RedisStore::connect(url)
                 .await
                 .map_err(|e| format!("cannot connect to Redis at {url}: {e}"))?;
-            Ok(Some(Arc::new(store)))
+            Ok((Some(Arc::new(store)), in_memory()))
         }
         #[cfg(feature = "postgres")]
         url if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
-            let pool = sqlx::PgPool::connect(url)
-                .await
-                .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
-            let store = tower_idempotency::store::PostgresStore::new(pool);
-            store
-                .migrate()
-                .await
-                .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
-            Ok(Some(Arc::new(store)))
+            let ledger = postgres::Ledger::connect(url).await?;
+            Ok((
+                Some(Arc::new(ledger.store.clone())),
+                Ledger::Postgres(ledger),
+            ))
         }
         other => Err(format!(
             "IDEMPOTENCY_STORE={other:?} is not supported by this build: use `memory`, `off`, \
@@ -172,21 +241,197 @@ async fn store_from(url: &str) -> Result<Option<Arc<dyn Store>>, String> {
     }
 }
 
+#[cfg(feature = "postgres")]
+mod postgres {
+    use std::time::Duration;
+
+    use axum::{
+        http::StatusCode,
+        response::{IntoResponse, Response},
+    };
+    use sqlx::{
+        postgres::{PgPoolOptions, PgRow},
+        PgPool, Row,
+    };
+    use tower_idempotency::{
+        store::{PostgresStore, StoreError},
+        Execution,
+    };
+
+    use super::{server_error, Payment};
+
+    /// Payments in a table of the same database as the idempotency records,
+    /// each inserted in the transaction that fences its key.
+    #[derive(Clone)]
+    pub(super) struct Ledger {
+        pool: PgPool,
+        pub(super) store: PostgresStore,
+    }
+
+    const COLUMNS: &str = "id, amount, currency, description, status";
+
+    impl Ledger {
+        /// Connects, and creates both tables if they are missing: safe with
+        /// any number of replicas starting at once, each under an advisory
+        /// lock.
+        pub(super) async fn connect(url: &str) -> Result<Self, String> {
+            // A short acquire timeout: with the database gone, the layer
+            // answers 503 in seconds instead of holding requests for 30 s.
+            let pool = PgPoolOptions::new()
+                .acquire_timeout(Duration::from_secs(3))
+                .connect(url)
+                .await
+                .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
+            let store = PostgresStore::new(pool.clone());
+            store
+                .migrate()
+                .await
+                .map_err(|e| format!("cannot create the idempotency table: {e}"))?;
+            let create = async {
+                let mut tx = pool.begin().await?;
+                sqlx::query("SELECT pg_advisory_xact_lock(hashtext('payments example: payments'))")
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::raw_sql(
+                    "CREATE TABLE IF NOT EXISTS payments (
+                        id          TEXT PRIMARY KEY,
+                        record_key  BYTEA NOT NULL UNIQUE,
+                        amount      BIGINT NOT NULL,
+                        currency    TEXT NOT NULL,
+                        description TEXT,
+                        status      TEXT NOT NULL,
+                        created_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+                    )",
+                )
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await
+            };
+            create
+                .await
+                .map_err(|e| format!("cannot create the payments table: {e}"))?;
+            Ok(Self { pool, store })
+        }
+
+        /// Charges once: a recovery answers with the payment an earlier
+        /// holder committed; a first run waits `delay` (the processing),
+        /// then fences and inserts in one transaction.
+        pub(super) async fn charge(
+            &self,
+            payment: Payment,
+            execution: &Execution,
+            delay: Duration,
+        ) -> Result<Payment, Response> {
+            let record_key = execution.record_key();
+            let key = &record_key.as_bytes()[..];
+            if execution.is_recovery() {
+                return match self.by_record(key).await {
+                    Ok(Some(committed)) => Ok(committed),
+                    Ok(None) => Err(server_error(
+                        "recovery found no committed payment for a fenced key",
+                    )),
+                    Err(err) => Err(server_error(&err.to_string())),
+                };
+            }
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            let charged = async {
+                let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
+                self.store.fence_in(&mut tx, execution).await?;
+                sqlx::query(
+                    "INSERT INTO payments (id, record_key, amount, currency, description, status)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                )
+                .bind(&payment.id)
+                .bind(key)
+                .bind(payment.amount as i64)
+                .bind(&payment.currency)
+                .bind(&payment.description)
+                .bind(&payment.status)
+                .execute(&mut *tx)
+                .await
+                .map_err(StoreError::backend)?;
+                tx.commit().await.map_err(StoreError::backend)
+            };
+            match charged.await {
+                Ok(()) => Ok(payment),
+                // Another attempt holds the key now: nothing was charged
+                // here, and a retry gets that attempt's payment.
+                Err(StoreError::LockLost) => {
+                    let mut answer = (
+                        StatusCode::CONFLICT,
+                        [("retry-after", "1")],
+                        "another attempt with this key holds it now; nothing was charged here",
+                    )
+                        .into_response();
+                    answer
+                        .extensions_mut()
+                        .insert(tower_idempotency::NotExecuted);
+                    Err(answer)
+                }
+                Err(err) => Err(server_error(&format!("payment not committed: {err}"))),
+            }
+        }
+
+        async fn by_record(&self, key: &[u8]) -> Result<Option<Payment>, sqlx::Error> {
+            sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM payments WHERE record_key = $1"
+            ))
+            .bind(key)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(|row| payment_of(&row))
+            .transpose()
+        }
+
+        pub(super) async fn list(&self) -> Result<Vec<Payment>, String> {
+            sqlx::query(&format!(
+                "SELECT {COLUMNS} FROM payments ORDER BY created_at, id"
+            ))
+            .fetch_all(&self.pool)
+            .await
+            .and_then(|rows| rows.iter().map(payment_of).collect())
+            .map_err(|e| e.to_string())
+        }
+
+        pub(super) async fn get(&self, id: &str) -> Result<Option<Payment>, String> {
+            sqlx::query(&format!("SELECT {COLUMNS} FROM payments WHERE id = $1"))
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .and_then(|row| row.as_ref().map(payment_of).transpose())
+                .map_err(|e| e.to_string())
+        }
+    }
+
+    fn payment_of(row: &PgRow) -> Result<Payment, sqlx::Error> {
+        Ok(Payment {
+            id: row.try_get("id")?,
+            amount: row.try_get::<i64, _>("amount")? as u64,
+            currency: row.try_get("currency")?,
+            description: row.try_get("description")?,
+            status: row.try_get("status")?,
+        })
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let port: u16 = setting("PORT", 3000);
-    let app = App {
-        payments: Arc::default(),
-        delay: Duration::from_millis(setting("PAYMENT_DELAY_MS", 0)),
-    };
     let ttl = Duration::from_secs(setting("IDEMPOTENCY_TTL_SECS", 86_400));
     let lease = Duration::from_millis(setting("IDEMPOTENCY_LEASE_MS", 60_000));
-    let store = match store_from(&env::var("IDEMPOTENCY_STORE").unwrap_or_default()).await {
-        Ok(store) => store,
+    let (store, ledger) = match setup(&env::var("IDEMPOTENCY_STORE").unwrap_or_default()).await {
+        Ok(setup) => setup,
         Err(message) => {
             eprintln!("{message}");
             std::process::exit(2);
         }
+    };
+    let app = App {
+        ledger,
+        delay: Duration::from_millis(setting("PAYMENT_DELAY_MS", 0)),
+        after_commit: Duration::from_millis(setting("PAYMENT_AFTER_COMMIT_MS", 0)),
     };
 
     let mut create_route = post(create).get(list);

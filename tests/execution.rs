@@ -49,12 +49,10 @@ async fn a_keyed_request_carries_its_execution() {
 /// A handler that counts its effects: it fences, performs the effect, and
 /// then fails the way a crash after the effect would look from the layer
 /// (a 503, which releases the key). A recovery answers from what was done.
-fn fails_after_its_effect(effects: Arc<AtomicUsize>) -> impl tower::Service<
-    Req,
-    Response = Response<Full<Bytes>>,
-    Error = Infallible,
-    Future = impl Send,
-> + Clone {
+fn fails_after_its_effect(
+    effects: Arc<AtomicUsize>,
+) -> impl tower::Service<Req, Response = Response<Full<Bytes>>, Error = Infallible, Future = impl Send>
+       + Clone {
     tower::service_fn(move |request: Req| {
         let effects = Arc::clone(&effects);
         let execution = execution_of(&request);
@@ -65,7 +63,10 @@ fn fails_after_its_effect(effects: Arc<AtomicUsize>) -> impl tower::Service<
             } else {
                 execution.fence().await.expect("the first holder fences");
                 let done = effects.fetch_add(1, Ordering::SeqCst) + 1;
-                (StatusCode::SERVICE_UNAVAILABLE, format!("effect {done}, then lost"))
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("effect {done}, then lost"),
+                )
             };
             let mut response = Response::new(Full::new(Bytes::from(body)));
             *response.status_mut() = status;
@@ -78,7 +79,11 @@ fn fails_after_its_effect(effects: Arc<AtomicUsize>) -> impl tower::Service<
 async fn a_fenced_key_is_recovered_instead_of_run_again() {
     let effects = Arc::new(AtomicUsize::new(0));
     let svc = IdempotencyLayer::default().layer(fails_after_its_effect(Arc::clone(&effects)));
-    let first = svc.clone().oneshot(post("/payments", Some("fenced"), "{}")).await.unwrap();
+    let first = svc
+        .clone()
+        .oneshot(post("/payments", Some("fenced"), "{}"))
+        .await
+        .unwrap();
     assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
     let (head, body) = read(
         svc.clone()

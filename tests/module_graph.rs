@@ -239,7 +239,7 @@ fn no_logic_file_is_over_400_lines() {
     source_files(&src, &mut files);
     let long: Vec<String> = files
         .iter()
-        .filter(|file| !file.ends_with("conformance.rs"))
+        .filter(|file| !file.components().any(|c| c.as_os_str() == "conformance"))
         .filter_map(|file| {
             let text = fs::read_to_string(file).expect("read source");
             let logic = text.split("\n#[cfg(test)]").next().unwrap_or_default();
