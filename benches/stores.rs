@@ -181,6 +181,43 @@ mod real {
         ));
     }
 
+    /// A handler whose effect is a row in `bench_effects`, inserted in a
+    /// transaction of its own, with or without the layer's fence in it.
+    fn effect_handler(
+        pool: sqlx::PgPool,
+        store: PostgresStore,
+        fenced: bool,
+    ) -> impl tower::Service<
+        http::Request<tower_idempotency::body::RequestBody<http_body_util::Full<Bytes>>>,
+        Response = http::Response<http_body_util::Full<Bytes>>,
+        Error = std::convert::Infallible,
+        Future = impl Send,
+    > + Clone {
+        tower::service_fn(move |request: http::Request<_>| {
+            let (pool, store) = (pool.clone(), store.clone());
+            let execution = request
+                .extensions()
+                .get::<tower_idempotency::Execution>()
+                .cloned()
+                .expect("a keyed request");
+            async move {
+                let mut tx = pool.begin().await.unwrap();
+                if fenced {
+                    store.fence_in(&mut tx, &execution).await.unwrap();
+                }
+                sqlx::query("INSERT INTO bench_effects (record_key) VALUES ($1)")
+                    .bind(&execution.record_key().as_bytes()[..])
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+                let mut response = http::Response::new(http_body_util::Full::new(Bytes::from_static(b"{}")));
+                *response.status_mut() = http::StatusCode::CREATED;
+                Ok(response)
+            }
+        })
+    }
+
     fn time<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, mut f: F) -> Duration
     where
         F: FnMut(u64) -> Fut,
@@ -214,6 +251,10 @@ mod real {
             let pg_store = PostgresStore::new(pool.clone()).with_table("bench_records").unwrap();
             pg_store.migrate().await.unwrap();
             sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_raw (key BYTEA PRIMARY KEY, state SMALLINT, body BYTEA, expires_at TIMESTAMPTZ)")
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_effects (record_key BYTEA NOT NULL)")
                 .execute(&pool)
                 .await
                 .unwrap();
@@ -341,6 +382,24 @@ mod real {
                 })
             })
         });
+        // A first use whose handler commits an effect, through the whole
+        // layer: the fence is one more statement in the handler's
+        // transaction.
+        for (name, fenced) in [("postgres/effect_unfenced", false), ("postgres/effect_fenced", true)] {
+            let svc = IdempotencyLayer::new(pg_store.clone())
+                .layer(effect_handler(pool.clone(), pg_store.clone(), fenced));
+            let body = Bytes::from_static(b"{\"amount\":1}");
+            group.bench_function(name, |b| {
+                b.iter_custom(|n| {
+                    time(&rt, n, |_| {
+                        let svc = svc.clone();
+                        let k = format!("{run}-effect-{}", fresh.fetch_add(1, Ordering::Relaxed));
+                        let request = request(Some(&k), &body);
+                        async move { drain(svc.oneshot(request).await.unwrap()).await }
+                    })
+                })
+            });
+        }
         group.bench_function("postgres/replay", |b| {
             b.iter_custom(|n| {
                 time(&rt, n, |_| {
