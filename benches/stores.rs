@@ -211,7 +211,8 @@ mod real {
                     .await
                     .unwrap();
                 tx.commit().await.unwrap();
-                let mut response = http::Response::new(http_body_util::Full::new(Bytes::from_static(b"{}")));
+                let mut response =
+                    http::Response::new(http_body_util::Full::new(Bytes::from_static(b"{}")));
                 *response.status_mut() = http::StatusCode::CREATED;
                 Ok(response)
             }
@@ -385,9 +386,15 @@ mod real {
         // A first use whose handler commits an effect, through the whole
         // layer: the fence is one more statement in the handler's
         // transaction.
-        for (name, fenced) in [("postgres/effect_unfenced", false), ("postgres/effect_fenced", true)] {
-            let svc = IdempotencyLayer::new(pg_store.clone())
-                .layer(effect_handler(pool.clone(), pg_store.clone(), fenced));
+        for (name, fenced) in [
+            ("postgres/effect_unfenced", false),
+            ("postgres/effect_fenced", true),
+        ] {
+            let svc = IdempotencyLayer::new(pg_store.clone()).layer(effect_handler(
+                pool.clone(),
+                pg_store.clone(),
+                fenced,
+            ));
             let body = Bytes::from_static(b"{\"amount\":1}");
             group.bench_function(name, |b| {
                 b.iter_custom(|n| {

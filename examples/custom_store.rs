@@ -96,7 +96,11 @@ impl Store for HashMapStore {
                 State::NotReplayable => BeginOutcome::NotReplayable,
             });
         }
-        // Free, or its lease or TTL ran out: take it.
+        // Free, or its lease or TTL ran out: take it. Now and then, forget
+        // every record past its expiry, so the map does not grow for ever.
+        if records.len() % 1024 == 1023 {
+            records.retain(|_, record| record.expires_at > now);
+        }
         let token = LockToken::random();
         records.insert(
             *key,
@@ -155,11 +159,20 @@ impl Store for HashMapStore {
     ) -> Result<(), StoreError> {
         self.with_held(key, token, |records| {
             let record = records.get_mut(key).expect("held");
-            let State::InFlight { fenced, .. } = &mut record.state else {
+            let State::InFlight {
+                fenced,
+                lease_until,
+                ..
+            } = &mut record.state
+            else {
                 unreachable!("held records are in flight");
             };
             if *fenced {
                 return Err(StoreError::EffectCommitted);
+            }
+            // Its lease ran out: another request may take the key over now.
+            if *lease_until <= Instant::now() {
+                return Err(StoreError::LockLost);
             }
             *fenced = true;
             record.expires_at = record.expires_at.max(Instant::now() + ttl);

@@ -19,7 +19,8 @@
 //! - `IDEMPOTENCY_LEASE_MS`: how long a lock outlives a crashed holder
 //!   (default 60000);
 //! - `IDEMPOTENCY_STORE`: `memory` (default), a `redis://` URL (feature
-//!   `redis`), a `postgres://` URL (feature `postgres`), or `off` to serve
+//!   `redis`), `redis+cluster://host:port,host:port,…` for a Redis Cluster
+//!   (feature `redis`), a `postgres://` URL (feature `postgres`), or `off` to serve
 //!   without the layer, as a baseline for load tests.
 //!
 //! On PostgreSQL the payments themselves live in a `payments` table, each
@@ -220,6 +221,17 @@ async fn setup(url: &str) -> Result<(Option<Arc<dyn Store>>, Ledger), String> {
         "off" => Ok((None, in_memory())),
         "" | "memory" => Ok((Some(Arc::new(MemoryStore::new())), in_memory())),
         #[cfg(feature = "redis")]
+        url if url.starts_with("redis+cluster://") => {
+            let nodes: Vec<String> = url["redis+cluster://".len()..]
+                .split(',')
+                .map(|node| format!("redis://{node}"))
+                .collect();
+            let store = tower_idempotency::store::RedisStore::connect_cluster(&nodes)
+                .await
+                .map_err(|e| format!("cannot connect to the Redis Cluster at {url}: {e}"))?;
+            Ok((Some(Arc::new(store)), in_memory()))
+        }
+        #[cfg(feature = "redis")]
         url if url.starts_with("redis://") => {
             let store = tower_idempotency::store::RedisStore::connect(url)
                 .await
@@ -236,7 +248,8 @@ async fn setup(url: &str) -> Result<(Option<Arc<dyn Store>>, Ledger), String> {
         }
         other => Err(format!(
             "IDEMPOTENCY_STORE={other:?} is not supported by this build: use `memory`, `off`, \
-             a redis:// URL (with --features redis) or a postgres:// URL (with --features postgres)"
+             a redis:// or redis+cluster:// URL (with --features redis) or a postgres:// URL \
+             (with --features postgres)"
         )),
     }
 }

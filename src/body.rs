@@ -136,6 +136,14 @@ impl<B> ResponseBody<B> {
             kind: ResponseKind::Capturing { state },
         }
     }
+
+    /// The capture of a body still being stored, if this is one.
+    pub(crate) fn into_capture(self) -> Option<Box<CaptureState<B>>> {
+        match self.kind {
+            ResponseKind::Capturing { state } => Some(state),
+            ResponseKind::Inner { .. } | ResponseKind::Full { .. } => None,
+        }
+    }
 }
 
 impl<B> fmt::Debug for ResponseBody<B> {
@@ -202,16 +210,6 @@ where
 /// A response whose body is already whole, such as a problem document.
 pub(crate) fn whole<B>(response: Response<Bytes>) -> Response<ResponseBody<B>> {
     response.map(|body| ResponseBody::full(body, None))
-}
-
-/// Reads a body to its end, discarding what it yields.
-pub(crate) async fn drain<B: Body>(body: B) {
-    let mut body = std::pin::pin!(body);
-    while let Some(frame) = std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await {
-        if frame.is_err() {
-            return;
-        }
-    }
 }
 
 fn poll_mapped<B>(

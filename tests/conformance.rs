@@ -29,6 +29,20 @@ mod redis {
     tower_idempotency::store_conformance_tests!(store());
 }
 
+#[cfg(feature = "redis")]
+mod redis_cluster {
+    async fn store() -> tower_idempotency::store::RedisStore {
+        let nodes = std::env::var("TEST_REDIS_CLUSTER_URLS")
+            .expect("TEST_REDIS_CLUSTER_URLS is not set: run the tests with ./scripts/test");
+        tower_idempotency::store::RedisStore::connect_cluster(nodes.split(','))
+            .await
+            .expect("connect to the test cluster")
+            .with_prefix("conformance:")
+    }
+
+    tower_idempotency::store_conformance_tests!(store());
+}
+
 #[cfg(feature = "postgres")]
 mod postgres {
     use std::sync::atomic::{AtomicUsize, Ordering};

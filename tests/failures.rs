@@ -14,7 +14,7 @@ use std::{
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use common::{app, json, post, read, send, serve, Counter, Scripted};
+use common::{app, faulty::Faulty, json, post, read, send, serve, Counter, Scripted};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -62,63 +62,14 @@ impl Store for DeadStore {
     }
 }
 
-/// A memory store whose `complete` takes a while, like a remote one, and
-/// says when it starts and when it has finished.
-#[derive(Debug, Default)]
-struct SlowToComplete {
-    store: MemoryStore,
-    started: tokio::sync::Notify,
-    finished: tokio::sync::Notify,
-}
-
-#[async_trait]
-impl Store for SlowToComplete {
-    async fn begin(
-        &self,
-        key: &RecordKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<BeginOutcome, StoreError> {
-        self.store.begin(key, fingerprint, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        outcome: Completion,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.started.notify_one();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let completed = self.store.complete(key, token, outcome, ttl).await;
-        self.finished.notify_one();
-        completed
-    }
-    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        self.store.release(key, token).await
-    }
-    async fn fence(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.store.fence(key, token, ttl).await
-    }
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        self.store.renew(key, token, lease).await
-    }
-}
-
 #[tokio::test]
 async fn completion_under_way_lands_when_the_client_goes_away() {
     let counter = Counter::default();
-    let store = Arc::new(SlowToComplete::default());
+    // A `complete` that takes a while, like a remote store's.
+    let store = Arc::new(Faulty {
+        complete_delay: Duration::from_millis(100),
+        ..Faulty::default()
+    });
     let svc = app(
         &IdempotencyLayer::with_shared_store(Arc::clone(&store) as Arc<dyn Store>),
         counter.handler(Duration::ZERO),
@@ -128,9 +79,9 @@ async fn completion_under_way_lands_when_the_client_goes_away() {
         _ = svc.clone().oneshot(post("/payments", Some(KEY), "{}")) => {
             panic!("the response was returned before it was stored")
         }
-        () = store.started.notified() => {}
+        () = store.completing.notified() => {}
     }
-    tokio::time::timeout(Duration::from_secs(10), store.finished.notified())
+    tokio::time::timeout(Duration::from_secs(10), store.completed.notified())
         .await
         .expect("the completion was dropped with the request");
     let retry = send(&svc, post("/payments", Some(KEY), "{}")).await;
@@ -746,4 +697,98 @@ async fn http1_replay_carries_the_trailers_of_the_original() {
         "abc123"
     );
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn endless_always_ready_body_abandoned_by_its_client_is_given_up_not_released() {
+    let produced = Arc::new(AtomicUsize::new(0));
+    let body_produced = Arc::clone(&produced);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler_runs = Arc::clone(&runs);
+    let handler = tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+        handler_runs.fetch_add(1, Ordering::SeqCst);
+        let produced = Arc::clone(&body_produced);
+        async move {
+            Ok::<_, Infallible>(Response::new(AlwaysReady {
+                frames: usize::MAX,
+                produced,
+            }))
+        }
+    });
+    let layer = IdempotencyLayer::default().with_max_hold(Duration::from_millis(300));
+    let svc = tower::Layer::layer(&layer, handler);
+    let response = svc
+        .clone()
+        .oneshot(post("/payments", Some(KEY), "{}"))
+        .await
+        .unwrap();
+    // The client hangs up: the drop returns, the rest is read elsewhere.
+    drop(response);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (status, _, problem) = json(
+        svc.oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("response-not-replayable"));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    // Given up on: nothing reads the body any more.
+    let stopped_at = produced.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(produced.load(Ordering::SeqCst), stopped_at);
+}
+
+#[tokio::test]
+async fn a_panic_elsewhere_while_the_body_streams_does_not_release_the_key() {
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = common::scripted_handler(Arc::clone(&runs), |_| {
+        Scripted::new(Duration::from_millis(50))
+            .data("one,")
+            .data("two")
+    });
+    let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
+    let response = svc
+        .clone()
+        .oneshot(post("/payments", Some(KEY), "{}"))
+        .await
+        .unwrap();
+    let body = response.into_body();
+    // An outer layer panics while it holds the body.
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+        let _held = body;
+        panic!("an outer layer fails");
+    }));
+    assert!(unwound.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (head, replay) = read(
+        svc.oneshot(post("/payments", Some(KEY), "{}"))
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(head.headers["idempotent-replayed"], "true");
+    assert_eq!(replay, "one,two");
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn a_completion_the_store_failed_is_tried_again() {
+    let counter = Counter::default();
+    let svc = app(
+        &IdempotencyLayer::new(Faulty {
+            failing_completions: AtomicUsize::new(1),
+            ..Faulty::default()
+        }),
+        counter.handler(Duration::ZERO),
+    );
+    let first = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let retry = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(counter.runs(), 1);
 }

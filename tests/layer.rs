@@ -692,29 +692,7 @@ async fn slow_handler_keeps_its_lock_past_the_lease() {
 
 #[tokio::test]
 async fn each_decision_is_a_tracing_event_with_its_outcome() {
-    use std::sync::Mutex;
-
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Captured {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = common::capture_logs();
 
     let counter = Counter::default();
     let svc = app(&layer(), counter.handler(Duration::ZERO));
@@ -722,7 +700,7 @@ async fn each_decision_is_a_tracing_event_with_its_outcome() {
     send(&svc, post("/payments", Some(KEY), "{}")).await;
     send(&svc, post("/payments", Some(KEY), "other")).await;
 
-    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let log = captured.text();
     for outcome in ["executed", "replayed", "mismatch"] {
         assert!(
             log.contains(&format!("outcome=\"{outcome}\"")),

@@ -4,94 +4,25 @@
 
 mod common;
 
-use std::{
-    future::Future,
-    sync::{Arc, Mutex},
-    task::Context,
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, task::Context, time::Duration};
 
-use async_trait::async_trait;
-use common::{app, post, read, send, spawn_send, Counter};
+use common::{app, faulty::Faulty, post, read, send, spawn_send, Counter};
 use http::StatusCode;
 use tower::{Layer, ServiceExt};
-use tower_idempotency::{
-    key::{Fingerprint, RecordKey},
-    store::{BeginOutcome, Completion, LockToken, MemoryStore, StoreError},
-    IdempotencyLayer, Store,
-};
+use tower_idempotency::{key::RecordKey, IdempotencyLayer, Store};
 
 const LEASE: Duration = Duration::from_millis(150);
 
-/// A memory store with scripted slowness: `complete` takes
-/// `complete_delay`, and `renew` of the first key it is asked to renew
-/// never returns.
-#[derive(Debug, Default)]
-struct Stalling {
-    store: MemoryStore,
-    complete_delay: Duration,
-    hang_first_renewal: bool,
-    hung: Mutex<Option<RecordKey>>,
-}
-
-#[async_trait]
-impl Store for Stalling {
-    async fn begin(
-        &self,
-        key: &RecordKey,
-        fingerprint: &Fingerprint,
-        lease: Duration,
-    ) -> Result<BeginOutcome, StoreError> {
-        self.store.begin(key, fingerprint, lease).await
-    }
-    async fn complete(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        completion: Completion,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        tokio::time::sleep(self.complete_delay).await;
-        self.store.complete(key, token, completion, ttl).await
-    }
-    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        self.store.release(key, token).await
-    }
-    async fn fence(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        ttl: Duration,
-    ) -> Result<(), StoreError> {
-        self.store.fence(key, token, ttl).await
-    }
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: LockToken,
-        lease: Duration,
-    ) -> Result<(), StoreError> {
-        let hangs = self.hang_first_renewal && {
-            let mut hung = self.hung.lock().unwrap();
-            *hung.get_or_insert(*key) == *key
-        };
-        if hangs {
-            std::future::pending::<()>().await;
-        }
-        self.store.renew(key, token, lease).await
-    }
-}
-
-fn layer_on(store: Stalling) -> IdempotencyLayer {
+fn layer_on(store: Faulty) -> IdempotencyLayer {
     IdempotencyLayer::new(store).with_lease(LEASE)
 }
 
 #[tokio::test]
 async fn a_slow_completion_keeps_its_lease_until_the_store_has_it() {
     let counter = Counter::default();
-    let layer = layer_on(Stalling {
+    let layer = layer_on(Faulty {
         complete_delay: LEASE * 3,
-        ..Stalling::default()
+        ..Faulty::default()
     });
     let svc = app(&layer, counter.handler(Duration::ZERO));
     let first = spawn_send(&svc, post("/payments", Some("slow-complete"), "{}"));
@@ -109,9 +40,9 @@ async fn a_slow_completion_keeps_its_lease_until_the_store_has_it() {
 #[tokio::test]
 async fn a_renewal_that_never_returns_does_not_hold_up_the_others() {
     let counter = Counter::default();
-    let store = Arc::new(Stalling {
+    let store = Arc::new(Faulty {
         hang_first_renewal: true,
-        ..Stalling::default()
+        ..Faulty::default()
     });
     let layer =
         IdempotencyLayer::with_shared_store(Arc::clone(&store) as Arc<dyn Store>).with_lease(LEASE);

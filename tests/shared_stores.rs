@@ -177,6 +177,23 @@ async fn crashed_holder_is_taken_over_after_its_lease(store_url: &str) {
     assert_eq!(payments(&client, &other.base).await.len(), 1);
 }
 
+/// The shared test cluster as the payments example takes it.
+fn redis_cluster_url() -> String {
+    let nodes = std::env::var("TEST_REDIS_CLUSTER_URLS")
+        .expect("TEST_REDIS_CLUSTER_URLS is not set: run the tests with ./scripts/test");
+    format!("redis+cluster://{}", nodes.replace("redis://", ""))
+}
+
+#[tokio::test]
+async fn duplicates_across_two_replicas_sharing_a_redis_cluster_run_once() {
+    duplicates_across_two_replicas_run_once(&redis_cluster_url()).await;
+}
+
+#[tokio::test]
+async fn crashed_holder_on_a_redis_cluster_is_taken_over_after_its_lease() {
+    crashed_holder_is_taken_over_after_its_lease(&redis_cluster_url()).await;
+}
+
 #[tokio::test]
 async fn crashed_holder_on_redis_is_taken_over_after_its_lease() {
     crashed_holder_is_taken_over_after_its_lease(&redis_url()).await;

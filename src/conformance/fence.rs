@@ -31,6 +31,18 @@ pub async fn taken_over_holder_cannot_fence(store: &impl Store) {
     ));
 }
 
+/// A holder whose lease ran out cannot fence, even before anyone took the
+/// key over: it could be taken over while its effect runs.
+pub async fn holder_past_its_lease_cannot_fence(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, SHORT).await;
+    tokio::time::sleep(SHORT * 2).await;
+    assert!(matches!(
+        store.fence(&key, token, TTL).await,
+        Err(StoreError::LockLost)
+    ));
+}
+
 /// A fenced key whose lease is live is in flight to its duplicates.
 pub async fn fenced_key_is_in_flight_while_its_lease_lasts(store: &impl Store) {
     let key = fresh_key();

@@ -400,6 +400,7 @@ macro_rules! store_conformance_tests {
             works_as_a_trait_object,
             holder_fences_once,
             taken_over_holder_cannot_fence,
+            holder_past_its_lease_cannot_fence,
             fenced_key_is_in_flight_while_its_lease_lasts,
             fenced_key_is_recovered_after_its_lease,
             released_fenced_key_is_recovered_not_run_again,

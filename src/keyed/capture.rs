@@ -16,7 +16,7 @@ use super::{
     copy::ResponseCopy,
     lock::LockGuard,
 };
-use crate::BoxError;
+use crate::{store::Completion, BoxError};
 
 /// The handler's body with its copy and its lock. Its end completes the
 /// key, its failure releases it; dropped before either (the client hung
@@ -37,10 +37,16 @@ pub(crate) struct CaptureState<B> {
     finish: fn(CaptureState<B>),
 }
 
+/// How many bytes of a streaming body are read without the client: ahead
+/// of its head, or on the spot when it is abandoned (a frame counts at
+/// least one). A body that is always ready must not be read whole, or for
+/// ever, in one poll or one drop.
+pub(crate) const READ_AHEAD_LIMIT: usize = 64 * 1024;
+
 /// Reads the rest of an abandoned body into the store. Most bodies are
 /// already whole and the memory store answers at once, so this first tries
-/// to finish on the spot, which lets a retry right after see the replay;
-/// what is still pending goes on in a task.
+/// to finish on the spot, up to [`READ_AHEAD_LIMIT`], which lets a retry
+/// right after see the replay; the rest goes on in a task.
 fn finish_body<B>(mut rest: CaptureState<B>)
 where
     B: Body + Send + 'static,
@@ -48,21 +54,56 @@ where
     B::Error: Into<BoxError>,
 {
     let mut cx = Context::from_waker(std::task::Waker::noop());
-    loop {
+    let mut read = 0;
+    while read < READ_AHEAD_LIMIT {
         match rest.poll_frame(&mut cx) {
-            Poll::Ready(Some(_)) => {}
+            Poll::Ready(Some(Ok(frame))) => {
+                read += frame.data_ref().map_or(0, Bytes::len).max(1);
+            }
+            Poll::Ready(Some(Err(_))) => {}
             Poll::Ready(None) => return,
             Poll::Pending => break,
         }
     }
-    let rest = async move {
-        while std::future::poll_fn(|cx| rest.poll_frame(cx))
+    // Without a runtime the rest is dropped; its lock then stays until its
+    // lease runs out, since nothing can release it.
+    let _ = finish_in_background(rest.read_to_end());
+}
+
+impl<B> CaptureState<B>
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+{
+    /// Reads the body to its end in the background, yielding as it goes.
+    /// A body still running when its key has been held for the longest
+    /// holding time is given up on: the key is marked done but not
+    /// replayable, never released, since the handler has run.
+    pub(crate) async fn read_to_end(mut self) {
+        let mut frames = 0_u32;
+        while std::future::poll_fn(|cx| self.poll_frame(cx))
             .await
             .is_some()
-        {}
-    };
-    // Without a runtime the rest is dropped, and its lock released.
-    let _ = finish_in_background(rest);
+        {
+            frames = frames.wrapping_add(1);
+            if frames % 64 == 0 {
+                tokio::task::yield_now().await;
+                if self.lock.as_ref().is_some_and(LockGuard::held_too_long) {
+                    self.give_up();
+                }
+            }
+        }
+    }
+
+    fn give_up(&mut self) {
+        self.body = None;
+        self.copy = None;
+        if let Some(lock) = self.lock.take() {
+            tracing::warn!("a response body outlived the longest holding time; its key is kept as not replayable");
+            self.write = StoreWrite::new(lock.complete(Completion::NotReplayable));
+        }
+    }
 }
 
 impl<B> CaptureState<B> {
@@ -203,9 +244,11 @@ where
 impl<B> Drop for CaptureState<B> {
     fn drop(&mut self) {
         // A completion or release under way lands on its own when dropped.
-        // A drop while panicking is the body's own failure: the key is
+        // Not even while panicking: a panic elsewhere (an outer layer) must
+        // not release a key whose handler has answered. A body that panics
+        // again when read on fails that task, and only then is its key
         // released, as for a body that returns an error.
-        if self.write.is_under_way() || !self.finish_on_drop || std::thread::panicking() {
+        if self.write.is_under_way() || !self.finish_on_drop {
             return;
         }
         let (Some(body), Some(lock)) = (self.body.take(), self.lock.take()) else {

@@ -11,11 +11,7 @@ use super::{
     lock::LockGuard,
     respond::respond,
 };
-use crate::{
-    body::{drain, ResponseBody},
-    policy::ClientDisconnect,
-    BoxError,
-};
+use crate::{body::ResponseBody, policy::ClientDisconnect, BoxError};
 
 /// Drives the inner service's call for a held key, boxed by the caller so
 /// that neither it nor the request is carried in this future's state. The
@@ -99,7 +95,11 @@ where
             Ok(response) => {
                 let (response, write) = respond(response, lock);
                 write.await;
-                drain(response.into_body()).await;
+                // Only a body being stored needs reading; nobody reads the
+                // rest of one that is not.
+                if let Some(capture) = response.into_body().into_capture() {
+                    capture.read_to_end().await;
+                }
             }
             Err(_) => lock.release().await,
         }

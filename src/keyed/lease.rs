@@ -53,15 +53,19 @@ impl LeaseKeeper {
     pub(crate) fn hold(self: &Arc<Self>, key: RecordKey, token: LockToken, since: Instant) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.held.insert(id, LeasedLock { key, token, since });
-        if !self.running.load(Ordering::Acquire) && !self.running.swap(true, Ordering::AcqRel) {
-            let task = renew_leases(Running(Arc::downgrade(self)));
-            if finish_in_background(task).is_err() {
-                tracing::warn!(
-                    "no Tokio runtime to renew idempotency leases; a lock lasts one lease"
-                );
-            }
-        }
+        self.keep_running();
         id
+    }
+
+    /// Starts the renewal task if none is running.
+    pub(crate) fn keep_running(self: &Arc<Self>) {
+        if self.running.load(Ordering::Acquire) || self.running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let task = renew_leases(Running(Arc::downgrade(self)));
+        if finish_in_background(task).is_err() {
+            tracing::warn!("no Tokio runtime to renew idempotency leases; a lock lasts one lease");
+        }
     }
 
     /// Stops renewing a lock.

@@ -1,13 +1,13 @@
 //! The lock on a key this request holds.
 
-use std::{future::Future, sync::Arc, task::Poll};
+use std::{future::Future, sync::Arc, task::Poll, time::Duration};
 
 use tokio::time::Instant;
 
 use super::{background::finish_in_background, shared::Shared};
 use crate::{
     key::RecordKey,
-    store::{Completion, LockToken},
+    store::{Completion, LockToken, StoreError},
 };
 
 /// A held lock. Dropped without being settled (a cancelled request, a
@@ -42,6 +42,11 @@ impl LockGuard {
         }
     }
 
+    /// Whether the key has been held for the longest holding time.
+    pub(crate) fn held_too_long(&self) -> bool {
+        self.acquired.elapsed() >= self.shared.config.max_hold
+    }
+
     fn forget(&mut self) {
         if let Some(id) = self.kept.take() {
             self.shared.leases.forget(id);
@@ -66,28 +71,58 @@ impl LockGuard {
         self.settled = true;
         let (shared, key) = (Arc::clone(&self.shared), self.key);
         let config = &shared.config;
-        let mut write = std::pin::pin!(config
-            .store
-            .complete(&key, self.token, completion, config.ttl));
+        let mut write =
+            std::pin::pin!(config
+                .store
+                .complete(&key, self.token, completion.clone(), config.ttl));
         // Most stores answer at once; only a completion that has to wait
         // pays for the lease keeper.
-        let done = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+        let mut done = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
             Poll::Ready(done) => done,
             Poll::Pending => {
                 self.keep_alive();
                 write.await
             }
         };
+        // A store that failed (a timeout, a dropped connection) is asked
+        // again, the lease kept renewed meanwhile: a completion that never
+        // lands leaves the key to be run again once its lease runs out.
+        let mut retried = false;
+        for backoff in COMPLETE_RETRIES {
+            match done {
+                Err(StoreError::Backend(_)) => retried = true,
+                _ => break,
+            }
+            self.keep_alive();
+            tokio::time::sleep(backoff).await;
+            done = config
+                .store
+                .complete(&key, self.token, completion.clone(), config.ttl)
+                .await;
+        }
         self.forget();
-        if let Err(err) = done {
-            tracing::error!(
+        match done {
+            Ok(()) => {}
+            // An attempt that timed out may still have landed.
+            Err(StoreError::LockLost) if retried => tracing::warn!(
+                key = ?self.key,
+                "a completion retried after a store error found the key settled; an earlier attempt landed"
+            ),
+            Err(err) => tracing::error!(
                 error = %err,
                 key = ?self.key,
                 "could not store a completed response; the key stays locked until its lease runs out"
-            );
+            ),
         }
     }
 }
+
+/// The waits before each new attempt at a completion the store failed.
+const COMPLETE_RETRIES: [Duration; 3] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_millis(500),
+];
 
 impl Drop for LockGuard {
     fn drop(&mut self) {

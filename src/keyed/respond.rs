@@ -6,7 +6,12 @@ use bytes::{Buf, Bytes};
 use http::Response;
 use http_body::{Body, Frame};
 
-use super::{background::StoreWrite, capture::CaptureState, copy::ResponseCopy, lock::LockGuard};
+use super::{
+    background::StoreWrite,
+    capture::{CaptureState, READ_AHEAD_LIMIT},
+    copy::ResponseCopy,
+    lock::LockGuard,
+};
 use crate::{body::ResponseBody, store::encode_parts, store::Completion, BoxError};
 
 /// Releases the key for a response the keep policy refuses; otherwise
@@ -101,10 +106,6 @@ where
         write,
     )
 }
-
-/// How many bytes of a streaming body are read before its head is
-/// returned, at most (a frame counts at least one).
-const READ_AHEAD_LIMIT: usize = 64 * 1024;
 
 /// What a response body had ready when the handler returned its head.
 enum BodyAtHead {

@@ -18,6 +18,8 @@ use http_body_util::{BodyExt, Full};
 use tower::{service_fn, util::BoxCloneSyncService, Layer, ServiceExt};
 use tower_idempotency::{body::RequestBody, IdempotencyLayer};
 
+pub mod faulty;
+
 pub type Handler<B = Full<Bytes>> =
     BoxCloneSyncService<Request<RequestBody<B>>, Response<Full<Bytes>>, Infallible>;
 
@@ -283,4 +285,37 @@ pub fn spawn_send(
 ) -> tokio::task::JoinHandle<(http::response::Parts, Bytes)> {
     let service = service.clone();
     tokio::spawn(async move { read(send(&service, request).await).await })
+}
+
+/// Log lines written through `tracing` on this thread while the guard
+/// lives, as text.
+#[derive(Clone, Default)]
+pub struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Captures every `tracing` event at `debug` and above on this thread.
+pub fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
 }

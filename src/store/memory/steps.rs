@@ -132,6 +132,11 @@ impl Store for MemoryStore {
         let State::InFlight(held) = entry.state else {
             return Err(StoreError::EffectCommitted);
         };
+        // A holder whose lease ran out may be taken over at any moment: its
+        // effect must not start.
+        if entry.expires_at <= now {
+            return Err(StoreError::LockLost);
+        }
         let lease_until = entry.expires_at;
         entry.state = State::Fenced {
             token: held,

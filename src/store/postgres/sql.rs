@@ -96,13 +96,15 @@ impl Statements {
                             ELSE now() + $3 * interval '1 millisecond' END
                  WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}"
             ),
-            // One statement: the mark if the token holds an unfenced row,
-            // and what was there before, to say why if not.
+            // One statement: the mark if the token holds an unfenced row
+            // whose lease is live, and what was there before, to say why
+            // if not.
             fence: format!(
                 "WITH fenced AS (
                     UPDATE {t} SET effect = TRUE,
                         expires_at = greatest(expires_at, now() + $3 * interval '1 millisecond')
                     WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT} AND NOT effect
+                      AND lease_until > now()
                     RETURNING 1
                 )
                 SELECT EXISTS (SELECT 1 FROM fenced) AS fenced,

@@ -1,0 +1,94 @@
+//! The connection of a Redis store: one server or a cluster, and what the
+//! store asks of it beyond its scripts.
+
+use std::time::Duration;
+
+use redis::{
+    aio::ConnectionManager,
+    cluster_async::ClusterConnection,
+    cluster_routing::{
+        MultipleNodeRoutingInfo, Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr,
+    },
+    FromRedisValue, RedisResult, ScriptInvocation, Value,
+};
+
+/// One server through a reconnecting multiplexed connection, or a cluster
+/// through redis-rs's cluster client, which follows `MOVED` and `ASK`.
+#[derive(Clone)]
+pub(super) enum Connection {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Connection {
+    pub(super) async fn invoke<T: FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> RedisResult<T> {
+        match self {
+            Self::Single(connection) => invocation.invoke_async(&mut connection.clone()).await,
+            Self::Cluster(connection) => invocation.invoke_async(&mut connection.clone()).await,
+        }
+    }
+
+    /// `WAIT replicas timeout` on the node that holds `key`, after the
+    /// writes this connection sent it: how many replicas acknowledged them.
+    pub(super) async fn wait(
+        &self,
+        key: &str,
+        replicas: u32,
+        timeout: Duration,
+    ) -> RedisResult<i64> {
+        let mut wait = redis::cmd("WAIT");
+        wait.arg(replicas).arg(timeout.as_millis() as u64);
+        match self {
+            Self::Single(connection) => wait.query_async(&mut connection.clone()).await,
+            Self::Cluster(connection) => {
+                let node = Route::with_slot(Slot::for_key(key), SlotAddr::Master);
+                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(node));
+                let answer = connection.clone().route_command(wait, routing).await?;
+                Ok(i64::from_redis_value(answer)?)
+            }
+        }
+    }
+
+    /// The `maxmemory-policy` of every master, as `(node, policy)`; a node
+    /// that refuses `CONFIG GET` (some managed services do) is left out.
+    pub(super) async fn eviction_policies(&self) -> RedisResult<Vec<String>> {
+        let mut config = redis::cmd("CONFIG");
+        config.arg("GET").arg("maxmemory-policy");
+        let answer: Value = match self {
+            Self::Single(connection) => config.query_async(&mut connection.clone()).await?,
+            Self::Cluster(connection) => {
+                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                connection.clone().route_command(config, routing).await?
+            }
+        };
+        let mut words = Vec::new();
+        strings_in(&answer, &mut words);
+        Ok(words
+            .into_iter()
+            .filter(|word| word != "maxmemory-policy" && !word.contains(':'))
+            .collect())
+    }
+}
+
+/// Every string in a reply, in order, however it is nested.
+fn strings_in(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::BulkString(bytes) => out.push(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) => out.push(text.clone()),
+        Value::Array(items) | Value::Set(items) => items.iter().for_each(|v| strings_in(v, out)),
+        Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
+            strings_in(k, out);
+            strings_in(v, out);
+        }),
+        _ => {}
+    }
+}
+
+/// Whether a `maxmemory-policy` may evict keys that carry a TTL, as every
+/// lock and record of the store does.
+pub(super) fn evicts_keys_with_a_ttl(policy: &str) -> bool {
+    policy.starts_with("volatile-") || policy.starts_with("allkeys-")
+}

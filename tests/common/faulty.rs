@@ -1,0 +1,97 @@
+//! A memory store with faults a test switches on: slow or failing
+//! completions, and a renewal that never returns.
+
+use std::{
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex,
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use tower_idempotency::{
+    key::{Fingerprint, RecordKey},
+    store::{BeginOutcome, Completion, LockToken, MemoryStore, StoreError},
+    Store,
+};
+
+#[derive(Debug, Default)]
+pub struct Faulty {
+    pub store: MemoryStore,
+    /// How long each `complete` takes before it reaches the store.
+    pub complete_delay: Duration,
+    /// How many `complete` calls fail, as a timed-out backend would,
+    /// before the next ones go through.
+    pub failing_completions: AtomicUsize,
+    /// Whether `renew` of the first key asked for never returns.
+    pub hang_first_renewal: bool,
+    /// The key whose renewal hangs, once one was asked for.
+    pub hung: Mutex<Option<RecordKey>>,
+    /// Told when a `complete` starts, and when it has finished.
+    pub completing: tokio::sync::Notify,
+    pub completed: tokio::sync::Notify,
+}
+
+#[async_trait]
+impl Store for Faulty {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        self.store.begin(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        completion: Completion,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.completing.notify_one();
+        tokio::time::sleep(self.complete_delay).await;
+        let failing = self
+            .failing_completions
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        let completed = if failing {
+            Err(StoreError::backend("response timed out"))
+        } else {
+            self.store.complete(key, token, completion, ttl).await
+        };
+        self.completed.notify_one();
+        completed
+    }
+
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        self.store.release(key, token).await
+    }
+
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        self.store.fence(key, token, ttl).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        let hangs = self.hang_first_renewal && {
+            let mut hung = self.hung.lock().unwrap();
+            *hung.get_or_insert(*key) == *key
+        };
+        if hangs {
+            std::future::pending::<()>().await;
+        }
+        self.store.renew(key, token, lease).await
+    }
+}

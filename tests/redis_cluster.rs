@@ -1,0 +1,315 @@
+//! Redis at scale: a real Redis Cluster of three masters, records spread
+//! over all of them, a master that fails over with and without replica
+//! acknowledgements, a shard lost for good, and servers that may evict.
+#![cfg(feature = "redis")]
+
+#[path = "common/cluster.rs"]
+mod cluster;
+mod common;
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use cluster::Cluster;
+use common::{post, read, send};
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use tower::Layer;
+use tower_idempotency::{body::RequestBody, store::RedisStore, IdempotencyLayer};
+
+type Handler = tower::util::BoxCloneSyncService<
+    Request<RequestBody<Full<Bytes>>>,
+    Response<Full<Bytes>>,
+    std::convert::Infallible,
+>;
+
+/// Runs per key, for a handler that takes `delay` and answers 201.
+#[derive(Clone, Default)]
+struct RunsPerKey(Arc<Mutex<HashMap<String, usize>>>);
+
+impl RunsPerKey {
+    fn handler(&self, delay: Duration) -> Handler {
+        let runs = self.clone();
+        tower::util::BoxCloneSyncService::new(tower::service_fn(
+            move |request: Request<RequestBody<Full<Bytes>>>| {
+                let key = request.headers()["idempotency-key"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned();
+                *runs.0.lock().unwrap().entry(key).or_default() += 1;
+                async move {
+                    tokio::time::sleep(delay).await;
+                    let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
+                    *response.status_mut() = StatusCode::CREATED;
+                    Ok(response)
+                }
+            },
+        ))
+    }
+
+    fn twice(&self) -> usize {
+        self.0
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|runs| **runs > 1)
+            .count()
+    }
+}
+
+fn unique(name: &str) -> String {
+    format!(
+        "{name}-{}-{:?}",
+        std::process::id(),
+        std::time::Instant::now()
+    )
+    .replace([' ', '{', '}', ':', ','], "")
+}
+
+/// How many records under `prefix` each master of the shared cluster holds.
+fn keys_per_master(prefix: &str) -> Vec<(String, usize)> {
+    let cli = |port: &str, args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", port])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    cluster::shared_nodes()
+        .iter()
+        .filter(|url| cli(url.rsplit(':').next().unwrap(), &["role"]).starts_with("master"))
+        .map(|url| {
+            let port = url.rsplit(':').next().unwrap();
+            let out = std::process::Command::new("redis-cli")
+                .args(["-p", port, "--scan", "--pattern", &format!("{prefix}*")])
+                .output()
+                .expect("redis-cli --scan");
+            let keys = String::from_utf8_lossy(&out.stdout).lines().count();
+            (url.clone(), keys)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn records_spread_over_every_master_of_the_cluster() {
+    let prefix = format!("{}:", unique("spread"));
+    let store = RedisStore::connect_cluster(cluster::shared_nodes())
+        .await
+        .expect("connect to the test cluster")
+        .with_prefix(prefix.clone());
+    let runs = RunsPerKey::default();
+    let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+    for i in 0..300 {
+        let response = tower::ServiceExt::oneshot(
+            svc.clone(),
+            post("/payments", Some(&format!("k{i}")), "{}"),
+        )
+        .await
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    let per_master = keys_per_master(&prefix);
+    eprintln!("records per master: {per_master:?}");
+    assert_eq!(per_master.len(), 3, "{per_master:?}");
+    assert!(per_master.iter().all(|(_, n)| *n > 0), "{per_master:?}");
+    assert_eq!(per_master.iter().map(|(_, n)| n).sum::<usize>(), 300);
+}
+
+/// What a failover does to locks held on the master that fails: `requests`
+/// long requests take their locks, the master of one shard is killed, its
+/// replica takes over, and every key is retried while the first requests
+/// still run. Returns (keys that ran twice, keys whose first request was
+/// refused with 503).
+async fn failover_while_locks_are_held(
+    replica_acks: bool,
+    lagging_replica: bool,
+) -> (usize, usize) {
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(3, 1))
+        .await
+        .unwrap();
+    let mut store = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+    if replica_acks {
+        store = store.with_replica_acks(1, Duration::from_millis(300));
+    }
+    let runs = RunsPerKey::default();
+    let layer = IdempotencyLayer::new(store).with_lease(Duration::from_secs(30));
+    let svc = common::app(&layer, runs.handler(Duration::from_secs(4)));
+    let victim = cluster.masters()[0];
+    let replica = cluster.replica_of(victim);
+    if lagging_replica {
+        // The replica stops, and its link is cut: what the master writes
+        // from now on stays in the master's backlog, as when replication
+        // lags behind.
+        cluster.node(replica).signal("STOP");
+        cluster
+            .node(victim)
+            .cli(&["client", "kill", "type", "replica"]);
+    }
+    let keys: Vec<String> = (0..12).map(|i| format!("failover-{i}")).collect();
+    let firsts: Vec<_> = keys
+        .iter()
+        .map(|key| common::spawn_send(&svc, post("/payments", Some(key), "{}")))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    cluster.node(victim).kill();
+    if lagging_replica {
+        cluster.node(replica).signal("CONT");
+    }
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.wait_for_failover(victim);
+        cluster
+    })
+    .await
+    .unwrap();
+    // Every key again, while the first requests still run.
+    for key in &keys {
+        for _ in 0..20 {
+            let retry = send(&svc, post("/payments", Some(key), "{}")).await;
+            if retry.status() != StatusCode::SERVICE_UNAVAILABLE {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let mut refused = 0;
+    for first in firsts {
+        let (head, _) = first.await.unwrap();
+        if head.status == StatusCode::SERVICE_UNAVAILABLE {
+            refused += 1;
+        }
+    }
+    drop(cluster);
+    (runs.twice(), refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_with_a_lagging_replica_loses_locks_without_replica_acks() {
+    let (twice, refused) = failover_while_locks_are_held(false, true).await;
+    eprintln!("failover, no replica acks, lagging replica: {twice} of 12 keys ran twice, {refused} refused");
+    assert!(
+        twice > 0,
+        "the locks on the failed master were lost with it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_with_replica_acks_never_runs_a_key_twice() {
+    let (twice, refused) = failover_while_locks_are_held(true, true).await;
+    eprintln!(
+        "failover, replica acks, lagging replica: {twice} of 12 keys ran twice, {refused} refused"
+    );
+    assert_eq!(twice, 0);
+    let (twice, refused) = failover_while_locks_are_held(true, false).await;
+    eprintln!(
+        "failover, replica acks, healthy replica: {twice} of 12 keys ran twice, {refused} refused"
+    );
+    assert_eq!(twice, 0);
+    assert_eq!(refused, 0, "acknowledged locks run");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_shard_fails_only_its_own_keys() {
+    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(3, 0))
+        .await
+        .unwrap();
+    let store = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+    let runs = RunsPerKey::default();
+    let svc = common::app(&IdempotencyLayer::new(store), runs.handler(Duration::ZERO));
+    let before: Vec<String> = (0..30).map(|i| format!("before-{i}")).collect();
+    for key in &before {
+        assert_eq!(
+            send(&svc, post("/payments", Some(key), "{}"))
+                .await
+                .status(),
+            StatusCode::CREATED
+        );
+    }
+    cluster.node(cluster.masters()[0]).kill();
+    let (mut served, mut refused, mut replayed) = (0, 0, 0);
+    for i in 0..60 {
+        match send(&svc, post("/payments", Some(&format!("after-{i}")), "{}"))
+            .await
+            .status()
+        {
+            StatusCode::CREATED => served += 1,
+            StatusCode::SERVICE_UNAVAILABLE => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    for key in &before {
+        let (head, _) = read(send(&svc, post("/payments", Some(key), "{}")).await).await;
+        if head.headers.contains_key("idempotent-replayed") {
+            replayed += 1;
+        }
+    }
+    eprintln!("one of three shards lost: {served} new keys served, {refused} refused; {replayed} of 30 earlier keys replayed");
+    assert!(
+        served > 0 && refused > 0,
+        "served {served}, refused {refused}"
+    );
+    assert!(replayed > 0 && replayed < 30, "replayed {replayed}");
+    assert_eq!(runs.twice(), 0);
+}
+
+#[tokio::test]
+async fn a_server_that_may_evict_keys_is_warned_about() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args(["--maxmemory-policy", "volatile-lru"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start redis-server");
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Stop(server);
+    let url = format!("redis://127.0.0.1:{port}");
+    let (captured, _guard) = common::capture_logs();
+    let mut connected = None;
+    for _ in 0..50 {
+        if let Ok(store) = RedisStore::connect(&url).await {
+            connected = Some(store);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    connected.expect("connect to the evicting server");
+    let log = captured.text();
+    assert!(log.contains("maxmemory-policy volatile-lru"), "{log}");
+    assert!(log.contains("noeviction"), "{log}");
+}
+
+#[tokio::test]
+async fn a_server_that_never_evicts_is_not_warned_about() {
+    let (captured, _guard) = common::capture_logs();
+    let url = std::env::var("TEST_REDIS_URL").expect("TEST_REDIS_URL");
+    RedisStore::connect(&url).await.unwrap();
+    RedisStore::connect_cluster(cluster::shared_nodes())
+        .await
+        .unwrap();
+    assert!(
+        !captured.text().contains("may evict"),
+        "{}",
+        captured.text()
+    );
+}
