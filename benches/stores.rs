@@ -431,7 +431,119 @@ mod real {
                 })
             })
         });
+        if let Ok(nodes) = std::env::var("TEST_REDIS_CLUSTER_URLS") {
+            cluster(&mut group, &rt, &nodes, &encoded, &key, fresh);
+        }
         group.finish();
+    }
+
+    /// The same steps on a Redis Cluster, against redis-rs's raw cluster
+    /// client doing the same reads and writes, and the cost of waiting for
+    /// a replica to acknowledge each write.
+    fn cluster(
+        group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        rt: &tokio::runtime::Runtime,
+        nodes: &str,
+        encoded: &Bytes,
+        key: &dyn Fn(u64) -> RecordKey,
+        fresh: &AtomicU64,
+    ) {
+        let nodes: Vec<&str> = nodes.split(',').collect();
+        let (store, raw) = rt.block_on(async {
+            let store = RedisStore::connect_cluster(&nodes)
+                .await
+                .unwrap()
+                .with_prefix("bench:");
+            let raw = redis::cluster::ClusterClient::new(nodes.clone())
+                .unwrap()
+                .get_async_connection()
+                .await
+                .unwrap();
+            (store, raw)
+        });
+        let acked = store.clone().with_replica_acks(1, Duration::from_secs(1));
+        for (name, store) in [
+            ("redis_cluster/first_use", &store),
+            ("redis_cluster/first_use_with_replica_acks", &acked),
+        ] {
+            group.bench_function(name, |b| {
+                b.iter_custom(|n| {
+                    time(rt, n, |_| {
+                        let (store, encoded) = (store.clone(), encoded.clone());
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                        async move { first_use(&store, &k, encoded).await }
+                    })
+                })
+            });
+        }
+        group.bench_function("redis_cluster/raw_set_nx_then_set", |b| {
+            b.iter_custom(|n| {
+                time(rt, n, |_| {
+                    let (mut conn, encoded) = (raw.clone(), encoded.clone());
+                    let k = format!(
+                        "bench-raw:{}",
+                        key(fresh.fetch_add(1, Ordering::Relaxed)).to_hex()
+                    );
+                    async move {
+                        let _: Option<String> = redis::cmd("SET")
+                            .arg(&k)
+                            .arg("lock")
+                            .arg("NX")
+                            .arg("PX")
+                            .arg(60_000)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                        let _: () = redis::cmd("SET")
+                            .arg(&k)
+                            .arg(&encoded[..])
+                            .arg("PX")
+                            .arg(600_000)
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+        });
+        let hot = key(u64::MAX - 1);
+        rt.block_on(async {
+            if let Ok(BeginOutcome::Acquired(token)) = store.begin(&hot, &FP, LEASE).await {
+                store
+                    .complete(&hot, token, Completion::Response(encoded.clone()), TTL)
+                    .await
+                    .unwrap();
+            }
+            let mut conn = raw.clone();
+            let _: () = redis::cmd("SET")
+                .arg("bench-raw:hot")
+                .arg(&encoded[..])
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        });
+        group.bench_function("redis_cluster/replay", |b| {
+            b.iter_custom(|n| {
+                time(rt, n, |_| {
+                    let store = store.clone();
+                    async move { replay(&store, &hot).await }
+                })
+            })
+        });
+        group.bench_function("redis_cluster/raw_get", |b| {
+            b.iter_custom(|n| {
+                time(rt, n, |_| {
+                    let mut conn = raw.clone();
+                    async move {
+                        let _: Vec<u8> = redis::cmd("GET")
+                            .arg("bench-raw:hot")
+                            .query_async(&mut conn)
+                            .await
+                            .unwrap();
+                    }
+                })
+            })
+        });
     }
 }
 

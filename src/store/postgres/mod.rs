@@ -100,17 +100,20 @@ impl PostgresStore {
     /// find it made. (`CREATE TABLE IF NOT EXISTS` alone is not safe under
     /// concurrency in PostgreSQL: two creators race on the catalog.)
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
-            .bind(format!("tower-idempotency:{}", self.table))
-            .execute(&mut *tx)
+        // One round trip: the lock is held until the transaction ends.
+        let locked = format!(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock(hashtext('tower-idempotency:{table}'));
+             {migration}
+             COMMIT;",
+            table = self.table,
+            migration = self.migration_sql(),
+        );
+        sqlx::raw_sql(&locked)
+            .execute(&self.pool)
             .await
             .map_err(StoreError::backend)?;
-        sqlx::raw_sql(&self.migration_sql())
-            .execute(&mut *tx)
-            .await
-            .map_err(StoreError::backend)?;
-        tx.commit().await.map_err(StoreError::backend)
+        Ok(())
     }
 
     /// Deletes every expired record; returns how many.
