@@ -18,6 +18,9 @@
 //! - `IDEMPOTENCY_TTL_SECS`: how long responses are kept (default 86400);
 //! - `IDEMPOTENCY_LEASE_MS`: how long a lock outlives a crashed holder
 //!   (default 60000);
+//! - `IDEMPOTENCY_MAX_ENTRIES`: records the memory store holds at most
+//!   (default 1000000; its bytes are not bounded beyond 512 MiB per million
+//!   records);
 //! - `IDEMPOTENCY_STORE`: `memory` (default), a `redis://` URL (feature
 //!   `redis`), `redis+cluster://host:port,host:port,…` for a Redis Cluster
 //!   (feature `redis`), a `postgres://` URL (feature `postgres`), or `off` to serve
@@ -48,7 +51,7 @@ use axum::{
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{Execution, IdempotencyLayer, MemoryStore, Store};
+use tower_idempotency::{store::MemoryLimits, Execution, IdempotencyLayer, MemoryStore, Store};
 
 #[derive(Clone, Serialize)]
 struct Payment {
@@ -219,7 +222,12 @@ async fn setup(url: &str) -> Result<(Option<Arc<dyn Store>>, Ledger), String> {
     let in_memory = || Ledger::Memory(Arc::default());
     match url {
         "off" => Ok((None, in_memory())),
-        "" | "memory" => Ok((Some(Arc::new(MemoryStore::new())), in_memory())),
+        "" | "memory" => {
+            let entries: usize = setting("IDEMPOTENCY_MAX_ENTRIES", 1_000_000);
+            let limits = MemoryLimits::new(entries, entries.saturating_mul(512));
+            let store = MemoryStore::builder().with_limits(limits).build();
+            Ok((Some(Arc::new(store)), in_memory()))
+        }
         #[cfg(feature = "redis")]
         url if url.starts_with("redis+cluster://") => {
             let nodes: Vec<String> = url["redis+cluster://".len()..]
