@@ -51,7 +51,10 @@ use axum::{
 };
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use tower_idempotency::{store::MemoryLimits, Execution, IdempotencyLayer, MemoryStore, Store};
+use tower_idempotency::{
+    fingerprint::BodyFingerprint, key::IDEMPOTENCY_EXPIRES, store::MemoryLimits, Execution,
+    IdempotencyLayer, MemoryStore, Store,
+};
 
 #[derive(Clone, Serialize)]
 struct Payment {
@@ -460,6 +463,10 @@ async fn main() {
         create_route = create_route.layer(
             IdempotencyLayer::with_shared_store(Arc::clone(store))
                 .with_key_required(true)
+                // A client that re-serialises its payment (other key order
+                // or spacing) still gets its replay, not a 422.
+                .with_body_fingerprint(BodyFingerprint::canonical_json())
+                .with_expiry_header(IDEMPOTENCY_EXPIRES)
                 .with_ttl(ttl)
                 .with_lease(lease),
         );

@@ -5,6 +5,7 @@ use std::{borrow::Cow, fmt, sync::Arc, time::Duration};
 use http::{header, request, HeaderName, Method};
 
 use crate::{
+    fingerprint::BodyFingerprint,
     key::{RecordKey, ScopeSecret},
     policy::{ClientDisconnect, InFlightPolicy, KeepPolicy, StoreFailure},
     store::Store,
@@ -22,6 +23,8 @@ pub(crate) struct Config {
     pub(crate) body_timeout: Duration,
     pub(crate) response_limit: usize,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) body_fingerprint: BodyFingerprint,
+    pub(crate) expiry_header: Option<HeaderName>,
     pub(crate) scope: Option<ScopeFn>,
     pub(crate) scope_secret: Option<ScopeSecret>,
     pub(crate) ttl: Duration,

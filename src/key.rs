@@ -12,6 +12,10 @@ pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key
 /// The name of the response header set on every replayed response.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
+/// A name for the header that tells clients when a key expires
+/// ([`with_expiry_header`](crate::IdempotencyLayer::with_expiry_header)).
+pub const IDEMPOTENCY_EXPIRES: HeaderName = HeaderName::from_static("idempotency-expires");
+
 /// The longest key accepted, in characters.
 pub const MAX_KEY_LEN: usize = 255;
 

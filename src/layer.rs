@@ -5,6 +5,7 @@ use tower_layer::Layer;
 
 use crate::{
     config::Config,
+    fingerprint::BodyFingerprint,
     key::ScopeSecret,
     keyed::shared::Shared,
     metrics::Metrics,
@@ -87,6 +88,8 @@ impl IdempotencyLayer {
                 body_timeout: Duration::from_secs(30),
                 response_limit: 1024 * 1024,
                 fingerprint_headers: vec![header::CONTENT_TYPE],
+                body_fingerprint: BodyFingerprint::Raw,
+                expiry_header: None,
                 scope: None,
                 scope_secret: None,
                 ttl: Duration::from_secs(24 * 60 * 60),
@@ -146,6 +149,28 @@ impl IdempotencyLayer {
     #[must_use]
     pub fn with_fingerprint_headers(mut self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         self.config.fingerprint_headers = names.into_iter().collect();
+        self
+    }
+
+    /// What of the body the fingerprint covers: its raw bytes (the
+    /// default), or a canonical form of its JSON, with or without some of
+    /// its members, or what a function makes of it. Changing it changes
+    /// every fingerprint: a retry that spans the change gets 422.
+    #[must_use]
+    pub fn with_body_fingerprint(mut self, fingerprint: BodyFingerprint) -> Self {
+        self.config.body_fingerprint = fingerprint;
+        self
+    }
+
+    /// Tells clients how long they may retry: every kept response, the
+    /// first and its replays, carries this header with the HTTP-date at
+    /// which its key expires (now plus the TTL, when the response is
+    /// stored). [`IDEMPOTENCY_EXPIRES`](crate::key::IDEMPOTENCY_EXPIRES)
+    /// is a name for it; the IETF draft leaves the choice open. Off by
+    /// default.
+    #[must_use]
+    pub fn with_expiry_header(mut self, name: HeaderName) -> Self {
+        self.config.expiry_header = Some(name);
         self
     }
 

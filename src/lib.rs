@@ -67,7 +67,9 @@ mod config;
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]
 pub mod conformance;
 mod execution;
+pub mod fingerprint;
 mod future;
+mod http_date;
 pub mod key;
 mod keyed;
 mod layer;

@@ -760,3 +760,76 @@ fn out_of_range_durations_are_clamped_to_their_documented_bounds() {
         "{shown}"
     );
 }
+
+#[tokio::test]
+async fn a_reserialised_json_body_replays_with_a_canonical_fingerprint() {
+    let counter = Counter::default();
+    let svc = app(
+        &layer().with_body_fingerprint(
+            tower_idempotency::fingerprint::BodyFingerprint::canonical_json(),
+        ),
+        counter.handler(Duration::ZERO),
+    );
+    send(
+        &svc,
+        post(
+            "/payments",
+            Some("json"),
+            r#"{"amount":5,"currency":"EUR"}"#,
+        ),
+    )
+    .await;
+    let retry = send(
+        &svc,
+        post(
+            "/payments",
+            Some("json"),
+            "{ \"currency\": \"EUR\",\n  \"amount\": 5.0 }",
+        ),
+    )
+    .await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let other = send(
+        &svc,
+        post(
+            "/payments",
+            Some("json"),
+            r#"{"amount":6,"currency":"EUR"}"#,
+        ),
+    )
+    .await;
+    assert_eq!(other.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(counter.runs(), 1);
+}
+
+#[tokio::test]
+async fn the_expiry_header_says_the_same_on_the_first_response_and_its_replays() {
+    let counter = Counter::default();
+    let svc = app(
+        &layer()
+            .with_ttl(Duration::from_secs(3600))
+            .with_expiry_header(tower_idempotency::key::IDEMPOTENCY_EXPIRES),
+        counter.handler(Duration::ZERO),
+    );
+    let first = send(&svc, post("/payments", Some("expires"), "{}")).await;
+    let expires = first.headers()["idempotency-expires"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        expires.ends_with(" GMT") && expires.len() == 29,
+        "{expires}"
+    );
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let replay = send(&svc, post("/payments", Some("expires"), "{}")).await;
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.headers()["idempotency-expires"], expires.as_str());
+}
+
+#[tokio::test]
+async fn without_the_expiry_header_option_no_expiry_is_sent() {
+    let counter = Counter::default();
+    let svc = app(&layer(), counter.handler(Duration::ZERO));
+    let first = send(&svc, post("/payments", Some("no-expires"), "{}")).await;
+    assert!(first.headers().get("idempotency-expires").is_none());
+}

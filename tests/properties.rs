@@ -336,3 +336,66 @@ proptest! {
         });
     }
 }
+
+/// Any JSON document, a few levels deep.
+fn json_document() -> impl Strategy<Value = serde_json::Value> {
+    use serde_json::Value;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i32>().prop_map(|n| Value::from(n)),
+        (-1.0e6..1.0e6f64).prop_map(|f| Value::from(f)),
+        "[a-z \"\\\\é]{0,8}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            prop::collection::btree_map("[a-z]{1,4}", inner, 0..4)
+                .prop_map(|members| Value::Object(members.into_iter().collect())),
+        ]
+    })
+}
+
+/// The document written another way: members in reverse order, spaces and
+/// newlines between every token, and integral numbers as decimals.
+fn rewritten(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Object(members) => {
+            let parts: Vec<String> = members
+                .iter()
+                .rev()
+                .map(|(k, v)| format!("{} :\n {}", serde_json::to_string(k).unwrap(), rewritten(v)))
+                .collect();
+            format!("{{ {} }}", parts.join(" ,\n"))
+        }
+        Value::Array(items) => {
+            let parts: Vec<String> = items.iter().map(rewritten).collect();
+            format!("[ {} ]", parts.join(" , "))
+        }
+        Value::Number(n) if n.is_i64() => format!("{}.0", n),
+        other => serde_json::to_string(other).unwrap(),
+    }
+}
+
+proptest! {
+    #[test]
+    fn reordered_and_respaced_documents_fingerprint_the_same(document in json_document()) {
+        let canonical = tower_idempotency::fingerprint::BodyFingerprint::canonical_json();
+        let compact = serde_json::to_vec(&document).unwrap();
+        let other = rewritten(&document);
+        prop_assert_eq!(canonical.bytes(&compact), canonical.bytes(other.as_bytes()));
+    }
+
+    #[test]
+    fn a_changed_value_fingerprints_differently(document in json_document(), extra in any::<i32>()) {
+        let canonical = tower_idempotency::fingerprint::BodyFingerprint::canonical_json_except(["/skipped"]);
+        let wrapped = serde_json::json!({ "payload": document, "extra": extra, "skipped": 1 });
+        let changed = serde_json::json!({ "payload": document, "extra": i64::from(extra) + 1, "skipped": 1 });
+        let renamed = serde_json::json!({ "payload": document, "extra": extra, "skipped": 2 });
+        let bytes = |v: &serde_json::Value| canonical.bytes(&serde_json::to_vec(v).unwrap()).into_owned();
+        prop_assert_ne!(bytes(&wrapped), bytes(&changed));
+        // The excluded member may change freely.
+        prop_assert_eq!(bytes(&wrapped), bytes(&renamed));
+    }
+}

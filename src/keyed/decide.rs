@@ -74,7 +74,11 @@ where
             }
             Err(_) => return Ok(rejected(&shared, ProblemKind::BodyTimeout)),
         };
-        let fingerprint = Fingerprint::compute(&parts, &config.fingerprint_headers, &body);
+        let fingerprint = Fingerprint::compute(
+            &parts,
+            &config.fingerprint_headers,
+            &config.body_fingerprint.bytes(&body),
+        );
         let mut req = Request::from_parts(parts, RequestBody::buffered(body));
 
         let deadline = match config.in_flight {

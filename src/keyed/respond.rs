@@ -12,7 +12,7 @@ use super::{
     copy::ResponseCopy,
     lock::LockGuard,
 };
-use crate::{body::ResponseBody, store::encode_parts, store::Completion, BoxError};
+use crate::{body::ResponseBody, http_date, store::encode_parts, store::Completion, BoxError};
 
 /// Releases the key for a response the keep policy refuses; otherwise
 /// stores the response: at once if its body is already whole, or as it
@@ -28,13 +28,20 @@ where
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let (head, body) = response.into_parts();
+    let (mut head, body) = response.into_parts();
     let config = &lock.shared.config;
     if !config.keep.keeps(&head) {
         return (
             Response::from_parts(head, ResponseBody::inner(body)),
             StoreWrite::new(lock.release()),
         );
+    }
+    if let Some(name) = &config.expiry_header {
+        // Stored with the response, so every replay says the same.
+        let expires = std::time::SystemTime::now() + config.ttl;
+        if let Ok(value) = http::HeaderValue::try_from(http_date::format(expires)) {
+            head.headers.insert(name.clone(), value);
+        }
     }
     let mut body = Box::pin(body);
     // What the body has ready now. A body not ready is polled again by the

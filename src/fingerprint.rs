@@ -1,0 +1,233 @@
+//! How a request body enters its fingerprint.
+
+use std::{borrow::Cow, fmt, sync::Arc};
+
+use serde_json::Value;
+
+/// A function from a request body to the bytes its fingerprint covers.
+pub type BodyFn = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
+
+/// What of the body the fingerprint covers, so that a retry of the same
+/// request matches its first attempt and a different request does not.
+///
+/// ```
+/// use tower_idempotency::{fingerprint::BodyFingerprint, IdempotencyLayer};
+///
+/// // The same JSON document however it is spaced or ordered, except for
+/// // the client's own timestamp and trace id.
+/// let layer = IdempotencyLayer::default().with_body_fingerprint(
+///     BodyFingerprint::canonical_json_except(["/sent_at", "/meta/trace_id"]),
+/// );
+/// ```
+#[derive(Clone, Default)]
+pub enum BodyFingerprint {
+    /// The body's bytes, as they are. The default.
+    #[default]
+    Raw,
+    /// The body as a JSON document in canonical form: object members sorted
+    /// by key, no insignificant whitespace, numbers written one way for one
+    /// value (`1`, `1.0` and `1e0` are one number), strings escaped one way.
+    /// Two serialisations of one document fingerprint the same. A body that
+    /// is not valid JSON is fingerprinted as its raw bytes.
+    CanonicalJson,
+    /// [`CanonicalJson`](Self::CanonicalJson) without the members that the
+    /// listed JSON Pointers (RFC 6901) name: fields that may differ between
+    /// two attempts of one request, such as a client timestamp.
+    CanonicalJsonExcept(Arc<[String]>),
+    /// What the function makes of the body.
+    Custom(BodyFn),
+}
+
+impl BodyFingerprint {
+    /// [`BodyFingerprint::CanonicalJson`].
+    pub fn canonical_json() -> Self {
+        Self::CanonicalJson
+    }
+
+    /// [`BodyFingerprint::CanonicalJsonExcept`] the members at `pointers`.
+    pub fn canonical_json_except<I, S>(pointers: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        Self::CanonicalJsonExcept(pointers.into_iter().map(Into::into).collect())
+    }
+
+    /// [`BodyFingerprint::Custom`] with `fingerprint`.
+    pub fn from_fn<F>(fingerprint: F) -> Self
+    where
+        F: Fn(&[u8]) -> Vec<u8> + Send + Sync + 'static,
+    {
+        Self::Custom(Arc::new(fingerprint))
+    }
+
+    /// The bytes of `body` that are hashed into the fingerprint.
+    pub fn bytes<'a>(&self, body: &'a [u8]) -> Cow<'a, [u8]> {
+        match self {
+            Self::Raw => Cow::Borrowed(body),
+            Self::CanonicalJson => canonical(body, &[]),
+            Self::CanonicalJsonExcept(pointers) => canonical(body, pointers),
+            Self::Custom(fingerprint) => Cow::Owned(fingerprint(body)),
+        }
+    }
+}
+
+impl fmt::Debug for BodyFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Raw => f.write_str("Raw"),
+            Self::CanonicalJson => f.write_str("CanonicalJson"),
+            Self::CanonicalJsonExcept(pointers) => f
+                .debug_tuple("CanonicalJsonExcept")
+                .field(pointers)
+                .finish(),
+            Self::Custom(_) => f.write_str("Custom(..)"),
+        }
+    }
+}
+
+fn canonical<'a>(body: &'a [u8], excluded: &[String]) -> Cow<'a, [u8]> {
+    let Ok(mut document) = serde_json::from_slice::<Value>(body) else {
+        return Cow::Borrowed(body);
+    };
+    for pointer in excluded {
+        remove(&mut document, pointer);
+    }
+    let mut out = Vec::with_capacity(body.len());
+    write(&document, &mut out);
+    Cow::Owned(out)
+}
+
+/// Removes what `pointer` names, if anything.
+fn remove(document: &mut Value, pointer: &str) {
+    let Some((parent, last)) = pointer.rsplit_once('/') else {
+        return;
+    };
+    let token = last.replace("~1", "/").replace("~0", "~");
+    match document.pointer_mut(parent) {
+        Some(Value::Object(members)) => {
+            members.remove(&token);
+        }
+        Some(Value::Array(items)) => {
+            if let Some(index) = token.parse::<usize>().ok().filter(|i| *i < items.len()) {
+                items.remove(index);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Writes `value` in canonical form. Members are sorted here, whatever
+/// order the map keeps them in (`serde_json`'s `preserve_order` may be on
+/// in the build).
+fn write(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Number(n) => write_number(n, out),
+        Value::String(s) => write_string(s, out),
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write(item, out);
+            }
+            out.push(b']');
+        }
+        Value::Object(members) => {
+            let mut sorted: Vec<_> = members.iter().collect();
+            sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            out.push(b'{');
+            for (i, (key, member)) in sorted.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_string(key, out);
+                out.push(b':');
+                write(member, out);
+            }
+            out.push(b'}');
+        }
+    }
+}
+
+fn write_string(s: &str, out: &mut Vec<u8>) {
+    // `serde_json` escapes one way: the same string always writes the same.
+    serde_json::to_writer(&mut *out, s).expect("a string always serializes");
+}
+
+/// One text per numeric value: an integral value as an integer, any other
+/// as the shortest decimal that reads back as the same double.
+fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
+    use std::io::Write;
+    if let Some(i) = n.as_i64() {
+        let _ = write!(out, "{i}");
+    } else if let Some(u) = n.as_u64() {
+        let _ = write!(out, "{u}");
+    } else if let Some(f) = n.as_f64() {
+        if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
+            let _ = write!(out, "{}", f as i64);
+        } else {
+            let _ = write!(out, "{f:e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn canonical_text(body: &str, fingerprint: &BodyFingerprint) -> String {
+        String::from_utf8(fingerprint.bytes(body.as_bytes()).into_owned()).unwrap()
+    }
+
+    #[test]
+    fn members_are_sorted_and_whitespace_dropped() {
+        assert_eq!(
+            canonical_text(
+                "{ \"b\": 1,\n \"a\": [ true, null ] }",
+                &BodyFingerprint::CanonicalJson
+            ),
+            r#"{"a":[true,null],"b":1}"#
+        );
+    }
+
+    #[test]
+    fn one_number_has_one_text() {
+        let fingerprint = BodyFingerprint::CanonicalJson;
+        for same in ["1", "1.0", "1e0", "10e-1"] {
+            assert_eq!(canonical_text(same, &fingerprint), "1", "{same}");
+        }
+        assert_eq!(
+            canonical_text("0.5", &fingerprint),
+            canonical_text("5e-1", &fingerprint)
+        );
+        assert_ne!(
+            canonical_text("0.5", &fingerprint),
+            canonical_text("0.25", &fingerprint)
+        );
+    }
+
+    #[test]
+    fn excluded_pointers_are_left_out() {
+        let fingerprint =
+            BodyFingerprint::canonical_json_except(["/sent_at", "/meta/trace~1id", "/items/0"]);
+        assert_eq!(
+            canonical_text(
+                r#"{"amount":5,"sent_at":"now","meta":{"trace/id":"x","k":1},"items":[1,2]}"#,
+                &fingerprint
+            ),
+            r#"{"amount":5,"items":[2],"meta":{"k":1}}"#
+        );
+    }
+
+    #[test]
+    fn a_body_that_is_not_json_is_hashed_raw() {
+        assert_eq!(
+            canonical_text("not { json", &BodyFingerprint::CanonicalJson),
+            "not { json"
+        );
+    }
+}
