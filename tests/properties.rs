@@ -343,8 +343,8 @@ fn json_document() -> impl Strategy<Value = serde_json::Value> {
     let leaf = prop_oneof![
         Just(Value::Null),
         any::<bool>().prop_map(Value::Bool),
-        any::<i32>().prop_map(|n| Value::from(n)),
-        (-1.0e6..1.0e6f64).prop_map(|f| Value::from(f)),
+        any::<i32>().prop_map(Value::from),
+        (-1.0e6..1.0e6f64).prop_map(Value::from),
         "[a-z \"\\\\é]{0,8}".prop_map(Value::String),
     ];
     leaf.prop_recursive(3, 24, 4, |inner| {
@@ -373,7 +373,7 @@ fn rewritten(value: &serde_json::Value) -> String {
             let parts: Vec<String> = items.iter().map(rewritten).collect();
             format!("[ {} ]", parts.join(" , "))
         }
-        Value::Number(n) if n.is_i64() => format!("{}.0", n),
+        Value::Number(n) if n.is_i64() => format!("{n}.0"),
         other => serde_json::to_string(other).unwrap(),
     }
 }
