@@ -112,7 +112,9 @@ fn main() {
         .expect("runtime");
     rt.block_on(async {
         for entries in [100_000usize, 1_000_000] {
-            let store = MemoryStore::builder().with_limits(MemoryLimits::new(entries, usize::MAX)).build();
+            let store = MemoryStore::builder()
+                .with_limits(MemoryLimits::new(entries, usize::MAX).with_max_entries_per_scope(entries))
+                .build();
             let (heap_before, rss_before) = (LIVE.load(Ordering::Relaxed), resident_bytes());
             let payload = fill(&store, entries).await;
             let (heap_after, rss_after) = (LIVE.load(Ordering::Relaxed), resident_bytes());

@@ -400,9 +400,14 @@ mod real {
                 b.iter_custom(|n| {
                     time(&rt, n, |_| {
                         let svc = svc.clone();
-                        let k = format!("{run}-effect-{}", fresh.fetch_add(1, Ordering::Relaxed));
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed)).to_hex();
                         let request = request(Some(&k), &body);
-                        async move { drain(svc.oneshot(request).await.unwrap()).await }
+                        async move {
+                            let response = svc.oneshot(request).await.unwrap();
+                            // A first use that ran its effect, not a refusal.
+                            assert_eq!(response.status(), http::StatusCode::CREATED);
+                            drain(response).await;
+                        }
                     })
                 })
             });

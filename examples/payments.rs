@@ -18,6 +18,8 @@
 //! - `IDEMPOTENCY_TTL_SECS`: how long responses are kept (default 86400);
 //! - `IDEMPOTENCY_LEASE_MS`: how long a lock outlives a crashed holder
 //!   (default 60000);
+//! - `IDEMPOTENCY_FINGERPRINT`: `json` (default) fingerprints the body as
+//!   canonical JSON, `raw` as its bytes;
 //! - `IDEMPOTENCY_MAX_ENTRIES`: records the memory store holds at most
 //!   (default 1000000; its bytes are not bounded beyond 512 MiB per million
 //!   records);
@@ -458,6 +460,14 @@ async fn main() {
         after_commit: Duration::from_millis(setting("PAYMENT_AFTER_COMMIT_MS", 0)),
     };
 
+    let body_fingerprint = match env::var("IDEMPOTENCY_FINGERPRINT").as_deref() {
+        Ok("raw") => BodyFingerprint::Raw,
+        Ok("json") | Err(_) => BodyFingerprint::canonical_json(),
+        Ok(other) => {
+            eprintln!("IDEMPOTENCY_FINGERPRINT must be `json` or `raw`, got {other:?}");
+            std::process::exit(2);
+        }
+    };
     let mut create_route = post(create).get(list);
     if let Some(store) = &store {
         create_route = create_route.layer(
@@ -465,7 +475,7 @@ async fn main() {
                 .with_key_required(true)
                 // A client that re-serialises its payment (other key order
                 // or spacing) still gets its replay, not a 422.
-                .with_body_fingerprint(BodyFingerprint::canonical_json())
+                .with_body_fingerprint(body_fingerprint)
                 .with_expiry_header(IDEMPOTENCY_EXPIRES)
                 .with_ttl(ttl)
                 .with_lease(lease),

@@ -54,7 +54,7 @@
 //!
 //! | feature | what it adds |
 //! |---|---|
-//! | `redis` | [`RedisStore`](store::RedisStore), on `redis`'s `ConnectionManager` |
+//! | `redis` | [`RedisStore`](store::RedisStore), on `redis`'s `ConnectionManager` or its Redis Cluster client |
 //! | `postgres` | [`PostgresStore`](store::PostgresStore), on a `sqlx::PgPool` |
 //! | `conformance` | `store_conformance_tests!`, the suite every store passes |
 //!
