@@ -26,13 +26,17 @@ pub enum BodyFingerprint {
     Raw,
     /// The body as a JSON document in canonical form: object members sorted
     /// by key, no insignificant whitespace, numbers written one way for one
-    /// value (`1`, `1.0` and `1e0` are one number), strings escaped one way.
-    /// Two serialisations of one document fingerprint the same. A body that
-    /// is not valid JSON is fingerprinted as its raw bytes.
+    /// value (`1`, `1.0` and `1e0` are one number; numbers are compared as
+    /// IEEE-754 doubles, as RFC 8785 does), strings escaped one way. Two
+    /// serialisations of one document fingerprint the same. A body that is
+    /// not valid JSON is fingerprinted as its raw bytes; a member name that
+    /// repeats counts once, with its last value, as `serde_json` reads it.
     CanonicalJson,
     /// [`CanonicalJson`](Self::CanonicalJson) without the members that the
     /// listed JSON Pointers (RFC 6901) name: fields that may differ between
-    /// two attempts of one request, such as a client timestamp.
+    /// two attempts of one request, such as a client timestamp. Pointers
+    /// are applied in order, each to what the ones before it left; one that
+    /// names nothing is ignored.
     CanonicalJsonExcept(Arc<[String]>),
     /// What the function makes of the body.
     Custom(BodyFn),
@@ -158,21 +162,22 @@ fn write_string(s: &str, out: &mut Vec<u8>) {
     serde_json::to_writer(&mut *out, s).expect("a string always serializes");
 }
 
-/// One text per numeric value: an integral value as an integer, any other
-/// as the shortest decimal that reads back as the same double.
+/// One text per numeric value, the value taken as an IEEE-754 double as
+/// RFC 8785 takes it: an integral value below 10^21 as its digits, any
+/// other as the shortest exponent form that reads back as the same double.
+/// So `1`, `1.0`, `1e0` are one number; and integers past 2^53, or
+/// decimals past 17 significant digits, that round to one double are one
+/// number too (send such values as strings).
 fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
     use std::io::Write;
-    if let Some(i) = n.as_i64() {
-        let _ = write!(out, "{i}");
-    } else if let Some(u) = n.as_u64() {
-        let _ = write!(out, "{u}");
-    } else if let Some(f) = n.as_f64() {
-        if f.fract() == 0.0 && f.abs() < 9_007_199_254_740_992.0 {
-            let _ = write!(out, "{}", f as i64);
-        } else {
-            let _ = write!(out, "{f:e}");
-        }
-    }
+    let Some(f) = n.as_f64() else {
+        return;
+    };
+    let _ = if f.fract() == 0.0 && f.abs() < 1e21 {
+        write!(out, "{f:.0}")
+    } else {
+        write!(out, "{f:e}")
+    };
 }
 
 #[cfg(test)]

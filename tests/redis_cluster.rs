@@ -123,12 +123,14 @@ async fn records_spread_over_every_master_of_the_cluster() {
 /// What a failover does to locks held on the master that fails: `requests`
 /// long requests take their locks, the master of one shard is killed, its
 /// replica takes over, and every key is retried while the first requests
-/// still run. Returns (keys that ran twice, keys whose first request was
-/// refused with 503).
+/// still run, through a store without replica acks, so that a lock that
+/// survived answers 409 and a lost one runs again. Returns (keys that ran
+/// twice, keys whose first request was refused with 503, retries that
+/// found their lock).
 async fn failover_while_locks_are_held(
     replica_acks: bool,
     lagging_replica: bool,
-) -> (usize, usize) {
+) -> (usize, usize, usize) {
     let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(3, 1))
         .await
         .unwrap();
@@ -167,9 +169,18 @@ async fn failover_while_locks_are_held(
     .await
     .unwrap();
     // Every key again, while the first requests still run.
+    let plain = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
+    let retries = common::app(
+        &IdempotencyLayer::new(plain).with_lease(Duration::from_secs(30)),
+        runs.handler(Duration::from_secs(4)),
+    );
+    let mut found = 0;
     for key in &keys {
         for _ in 0..20 {
-            let retry = send(&svc, post("/payments", Some(key), "{}")).await;
+            let retry = send(&retries, post("/payments", Some(key), "{}")).await;
+            if retry.status() == StatusCode::CONFLICT {
+                found += 1;
+            }
             if retry.status() != StatusCode::SERVICE_UNAVAILABLE {
                 break;
             }
@@ -184,13 +195,16 @@ async fn failover_while_locks_are_held(
         }
     }
     drop(cluster);
-    (runs.twice(), refused)
+    (runs.twice(), refused, found)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_a_lagging_replica_loses_locks_without_replica_acks() {
-    let (twice, refused) = failover_while_locks_are_held(false, true).await;
-    eprintln!("failover, no replica acks, lagging replica: {twice} of 12 keys ran twice, {refused} refused");
+    let (twice, refused, found) = failover_while_locks_are_held(false, true).await;
+    eprintln!(
+        "failover, no replica acks, lagging replica: \
+         {twice} of 12 keys ran twice, {refused} refused, {found} locks found"
+    );
     assert!(
         twice > 0,
         "the locks on the failed master were lost with it"
@@ -199,17 +213,21 @@ async fn failover_with_a_lagging_replica_loses_locks_without_replica_acks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_replica_acks_never_runs_a_key_twice() {
-    let (twice, refused) = failover_while_locks_are_held(true, true).await;
+    let (twice, refused, found) = failover_while_locks_are_held(true, true).await;
     eprintln!(
-        "failover, replica acks, lagging replica: {twice} of 12 keys ran twice, {refused} refused"
+        "failover, replica acks, lagging replica: \
+         {twice} of 12 keys ran twice, {refused} refused, {found} locks found"
     );
     assert_eq!(twice, 0);
-    let (twice, refused) = failover_while_locks_are_held(true, false).await;
+    assert!(refused > 0, "the locks the replica never had were refused");
+    let (twice, refused, found) = failover_while_locks_are_held(true, false).await;
     eprintln!(
-        "failover, replica acks, healthy replica: {twice} of 12 keys ran twice, {refused} refused"
+        "failover, replica acks, healthy replica: \
+         {twice} of 12 keys ran twice, {refused} refused, {found} locks found"
     );
     assert_eq!(twice, 0);
     assert_eq!(refused, 0, "acknowledged locks run");
+    assert_eq!(found, 12, "every acknowledged lock survived the failover");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

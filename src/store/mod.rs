@@ -176,6 +176,11 @@ pub enum StoreError {
     /// an earlier holder: render what was committed, do not repeat it.
     #[error("the effect for this key was already committed")]
     EffectCommitted,
+    /// The store took the write, but not as durably as it was asked to
+    /// (fewer replicas acknowledged it in time). The store has seen the
+    /// key, so this is never failed open.
+    #[error("the store did not make the write durable in time: {0}")]
+    NotDurable(String),
     /// A stored record could not be read back.
     #[error("a stored record could not be decoded: {0}")]
     Decode(#[from] DecodeError),

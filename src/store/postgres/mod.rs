@@ -100,12 +100,13 @@ impl PostgresStore {
     /// find it made. (`CREATE TABLE IF NOT EXISTS` alone is not safe under
     /// concurrency in PostgreSQL: two creators race on the catalog.)
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        // One round trip: the lock is held until the transaction ends.
+        // One simple query: PostgreSQL runs its statements as one implicit
+        // transaction, which holds the lock to its end and, if a statement
+        // fails, rolls back without leaving the pooled connection inside
+        // an aborted transaction.
         let locked = format!(
-            "BEGIN;
-             SELECT pg_advisory_xact_lock(hashtext('tower-idempotency:{table}'));
-             {migration}
-             COMMIT;",
+            "SELECT pg_advisory_xact_lock(hashtext('tower-idempotency:{table}'));
+             {migration}",
             table = self.table,
             migration = self.migration_sql(),
         );

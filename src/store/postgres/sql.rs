@@ -9,6 +9,11 @@ pub(super) const NOT_REPLAYABLE: i16 = 2;
 /// or completed row expires with its TTL.
 pub(super) fn migration(t: &str) -> String {
     let index = t.replace('.', "_");
+    // An index lives in its table's schema.
+    let qualified_index = match t.split_once('.') {
+        Some((schema, _)) => format!("{schema}.{index}"),
+        None => index.clone(),
+    };
     format!(
         "CREATE TABLE IF NOT EXISTS {t} (
     key         BYTEA PRIMARY KEY,
@@ -20,8 +25,19 @@ pub(super) fn migration(t: &str) -> String {
     effect      BOOLEAN NOT NULL DEFAULT FALSE,
     expires_at  TIMESTAMPTZ NOT NULL
 );
-ALTER TABLE {t} ADD COLUMN IF NOT EXISTS effect BOOLEAN NOT NULL DEFAULT FALSE;
-CREATE INDEX IF NOT EXISTS {index}_expires_at ON {t} (expires_at);
+DO $$
+BEGIN
+    -- Only a table made by an earlier build is altered, and only a table
+    -- without the index indexed: both lock the table, which every replica
+    -- starting would otherwise do.
+    IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                   WHERE attrelid = to_regclass('{t}') AND attname = 'effect') THEN
+        ALTER TABLE {t} ADD COLUMN effect BOOLEAN NOT NULL DEFAULT FALSE;
+    END IF;
+    IF to_regclass('{qualified_index}_expires_at') IS NULL THEN
+        CREATE INDEX {index}_expires_at ON {t} (expires_at);
+    END IF;
+END $$;
 "
     )
 }

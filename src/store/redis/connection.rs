@@ -31,6 +31,14 @@ impl Connection {
         }
     }
 
+    /// A command on the node that holds its key.
+    pub(super) async fn query<T: FromRedisValue>(&self, command: &redis::Cmd) -> RedisResult<T> {
+        match self {
+            Self::Single(connection) => command.query_async(&mut connection.clone()).await,
+            Self::Cluster(connection) => command.query_async(&mut connection.clone()).await,
+        }
+    }
+
     /// `WAIT replicas timeout` on the node that holds `key`, after the
     /// writes this connection sent it: how many replicas acknowledged them.
     pub(super) async fn wait(

@@ -202,22 +202,41 @@ impl RedisStore {
         format!("{}{}", self.prefix, key.to_hex())
     }
 
-    /// Waits for the replicas `with_replica_acks` asks for, if any.
-    async fn replicated(&self, key: &str) -> Result<(), StoreError> {
+    /// Waits for the replicas `with_replica_acks` asks for, if any, at
+    /// most `within` (and between 1 ms and 1.5 s, inside the connection's
+    /// 2 s response timeout: `WAIT` with 0 would block for ever).
+    async fn replicated(&self, key: &str, within: Duration) -> Result<(), StoreError> {
         let Some((replicas, timeout)) = self.replica_acks else {
             return Ok(());
         };
+        let timeout = timeout
+            .min(within)
+            .clamp(Duration::from_millis(1), Duration::from_millis(1500));
         let acked = self
             .connection
             .wait(key, replicas, timeout)
             .await
             .map_err(StoreError::backend)?;
         if acked < i64::from(replicas) {
-            return Err(StoreError::backend(format!(
+            return Err(StoreError::NotDurable(format!(
                 "{acked} of {replicas} Redis replicas acknowledged within {timeout:?}"
             )));
         }
         Ok(())
+    }
+
+    /// Whether `token` still holds `key` on the master that answers now. A
+    /// `WAIT` that a retry sent to a new master, or over a new connection,
+    /// counts no write of this one: the lock must be found where it is.
+    async fn still_held(&self, name: &str, token: LockToken) -> Result<bool, StoreError> {
+        let mut get = redis::cmd("HGET");
+        get.arg(name).arg("t");
+        let held: Option<String> = self
+            .connection
+            .query(&get)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(held == Some(token.to_string()))
     }
 
     async fn held(
@@ -274,10 +293,19 @@ impl Store for RedisStore {
                 )))
             }
         };
-        if let Err(err) = self.replicated(&name).await {
-            // A lock the replicas may not have must not be run under.
-            let _ = self.release(key, token).await;
-            return Err(err);
+        if self.replica_acks.is_some() {
+            // Inside a third of the lease, which runs out while it waits.
+            let acked = match self.replicated(&name, lease / 3).await {
+                Ok(()) => self.still_held(&name, token).await,
+                Err(err) => Err(err),
+            };
+            if !matches!(acked, Ok(true)) {
+                // A lock the replicas may not have must not be run under.
+                let _ = self.release(key, token).await;
+                return Err(acked.err().unwrap_or_else(|| {
+                    StoreError::NotDurable("the lock was lost before it was acknowledged".into())
+                }));
+            }
         }
         Ok(taken)
     }
@@ -301,7 +329,7 @@ impl Store for RedisStore {
                 .arg(expiry_millis(ttl));
         })
         .await?;
-        self.replicated(&self.key(key)).await
+        self.replicated(&self.key(key), ttl).await
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
@@ -326,7 +354,7 @@ impl Store for RedisStore {
             .await
             .map_err(StoreError::backend)?;
         match fenced {
-            1 => self.replicated(&name).await,
+            1 => self.replicated(&name, ttl).await,
             2 => Err(StoreError::EffectCommitted),
             _ => Err(StoreError::LockLost),
         }

@@ -16,6 +16,11 @@ if not rec[1] then
   return {'acquired', ''}
 end
 if rec[2] ~= ARGV[1] then return {'mismatch', ''} end
+if rec[1] == 'i' and redis.call('HGET', k, 't') == ARGV[2] then
+  -- This very call, sent again by a client retry: it took the key.
+  if rec[3] == '1' then return {'recover', ''} end
+  return {'acquired', ''}
+end
 if rec[1] == 'i' then
   if rec[3] ~= '1' then return {'in_flight', ''} end
   local t = redis.call('TIME')
@@ -32,6 +37,8 @@ return {'completed', redis.call('HGET', k, 'r')}
 pub(super) const COMPLETE: &str = r"
 local k = KEYS[1]
 local rec = redis.call('HMGET', k, 's', 't')
+-- Completed by this token already: a client retry of this very call.
+if rec[1] == ARGV[2] and rec[2] == ARGV[1] then return 1 end
 if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
 redis.call('HSET', k, 's', ARGV[2], 'r', ARGV[3])
 redis.call('PEXPIRE', k, ARGV[4])
