@@ -606,19 +606,30 @@ impl http_body::Body for AlwaysReady {
     }
 }
 
+/// A handler that counts its runs and answers with an [`AlwaysReady`]
+/// body of `frames` frames, which count what is read of them.
+fn always_ready_handler(
+    frames: usize,
+    runs: Arc<AtomicUsize>,
+    produced: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    Request<RequestBody<Full<Bytes>>>,
+    Response = Response<AlwaysReady>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
+        runs.fetch_add(1, Ordering::SeqCst);
+        let produced = Arc::clone(&produced);
+        async move { Ok(Response::new(AlwaysReady { frames, produced })) }
+    })
+}
+
 #[tokio::test]
 async fn always_ready_body_sends_its_head_before_reading_itself_whole() {
     let produced = Arc::new(AtomicUsize::new(0));
-    let body_produced = Arc::clone(&produced);
-    let handler = tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
-        let produced = Arc::clone(&body_produced);
-        async move {
-            Ok::<_, Infallible>(Response::new(AlwaysReady {
-                frames: 8 * 1024, // 64 MiB in all
-                produced,
-            }))
-        }
-    });
+    // 64 MiB in all.
+    let handler = always_ready_handler(8 * 1024, Arc::default(), Arc::clone(&produced));
     let svc = tower::Layer::layer(&IdempotencyLayer::default(), handler);
     let response = svc
         .clone()
@@ -701,20 +712,8 @@ async fn http1_replay_carries_the_trailers_of_the_original() {
 
 #[tokio::test]
 async fn endless_always_ready_body_abandoned_by_its_client_is_given_up_not_released() {
-    let produced = Arc::new(AtomicUsize::new(0));
-    let body_produced = Arc::clone(&produced);
-    let runs = Arc::new(AtomicUsize::new(0));
-    let handler_runs = Arc::clone(&runs);
-    let handler = tower::service_fn(move |_: Request<RequestBody<Full<Bytes>>>| {
-        handler_runs.fetch_add(1, Ordering::SeqCst);
-        let produced = Arc::clone(&body_produced);
-        async move {
-            Ok::<_, Infallible>(Response::new(AlwaysReady {
-                frames: usize::MAX,
-                produced,
-            }))
-        }
-    });
+    let (produced, runs) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = always_ready_handler(usize::MAX, Arc::clone(&runs), Arc::clone(&produced));
     let layer = IdempotencyLayer::default().with_max_hold(Duration::from_millis(300));
     let svc = tower::Layer::layer(&layer, handler);
     let response = svc

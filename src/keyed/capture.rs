@@ -43,6 +43,12 @@ pub(crate) struct CaptureState<B> {
 /// ever, in one poll or one drop.
 pub(crate) const READ_AHEAD_LIMIT: usize = 64 * 1024;
 
+/// What a frame counts against [`READ_AHEAD_LIMIT`]: its bytes, and at
+/// least one, so that endless empty frames are bounded too.
+pub(crate) fn read_ahead_weight(frame: &Frame<Bytes>) -> usize {
+    frame.data_ref().map_or(0, Bytes::len).max(1)
+}
+
 /// Reads the rest of an abandoned body into the store. Most bodies are
 /// already whole and the memory store answers at once, so this first tries
 /// to finish on the spot, up to [`READ_AHEAD_LIMIT`], which lets a retry
@@ -58,7 +64,7 @@ where
     while read < READ_AHEAD_LIMIT {
         match rest.poll_frame(&mut cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                read += frame.data_ref().map_or(0, Bytes::len).max(1);
+                read += read_ahead_weight(&frame);
             }
             Poll::Ready(Some(Err(_))) => {}
             Poll::Ready(None) => return,

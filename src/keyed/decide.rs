@@ -2,7 +2,7 @@
 //! the store, and answer a replay or a conflict without calling the inner
 //! service.
 
-use std::{future::Future, sync::Arc, task::Poll, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
 
 use http::{request, HeaderValue, Request, Response};
 use http_body::Body;
@@ -36,7 +36,7 @@ type KeyedResult<B, E> = Result<Response<ResponseBody<B>>, E>;
 )]
 pub(crate) fn run<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
-    mut inner: S,
+    inner: S,
     parts: request::Parts,
     body: ReqBody,
     record: RecordKey,
@@ -79,7 +79,7 @@ where
             &config.fingerprint_headers,
             &config.body_fingerprint.bytes(&body),
         );
-        let mut req = Request::from_parts(parts, RequestBody::buffered(body));
+        let req = Request::from_parts(parts, RequestBody::buffered(body));
 
         let deadline = match config.in_flight {
             InFlightPolicy::Wait(limit) => Some(Instant::now() + limit),
@@ -94,18 +94,12 @@ where
             let (decision, kind) = match begun {
                 Ok(BeginOutcome::Acquired(token)) => {
                     shared.metrics.record(Decision::Executed);
-                    req.extensions_mut()
-                        .insert(execution(&shared, record, token, false));
-                    let lock = LockGuard::new(shared, record, token);
-                    return Box::pin(first_use(Box::pin(inner.call(req)), lock)).await;
+                    return run_first_use(shared, inner, req, record, token, false).await;
                 }
                 Ok(BeginOutcome::Recover(token)) => {
                     shared.metrics.record(Decision::Recovered);
                     tracing::warn!(key = ?record, "recovering a key whose earlier holder fenced it and stored no response");
-                    req.extensions_mut()
-                        .insert(execution(&shared, record, token, true));
-                    let lock = LockGuard::new(shared, record, token);
-                    return Box::pin(first_use(Box::pin(inner.call(req)), lock)).await;
+                    return run_first_use(shared, inner, req, record, token, true).await;
                 }
                 Ok(BeginOutcome::Completed(record)) => match StoredResponse::decode(record) {
                     Ok(stored) => {
@@ -135,9 +129,31 @@ where
     }
 }
 
-fn execution(shared: &Shared, key: RecordKey, token: LockToken, recovery: bool) -> Execution {
+/// Runs the inner service for a key just taken, with its `Execution` in
+/// the request's extensions; boxed apart, so that the keyed future stays
+/// small for the paths that never call the inner service.
+fn run_first_use<S, ReqBody, ResBody>(
+    shared: Arc<Shared>,
+    mut inner: S,
+    mut req: Request<RequestBody<ReqBody>>,
+    key: RecordKey,
+    token: LockToken,
+    recovery: bool,
+) -> Pin<Box<dyn Future<Output = KeyedResult<ResBody, S::Error>> + Send>>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Body + Send + 'static,
+    ResBody::Data: Send,
+    ResBody::Error: Into<BoxError>,
+{
     let config = &shared.config;
-    Execution::new(key, token, recovery, config.ttl, Arc::clone(&config.store))
+    let execution = Execution::new(key, token, recovery, config.ttl, Arc::clone(&config.store));
+    req.extensions_mut().insert(execution);
+    let lock = LockGuard::new(shared, key, token);
+    Box::pin(first_use(Box::pin(inner.call(req)), lock))
 }
 
 fn rejected<B>(shared: &Shared, kind: ProblemKind) -> Response<ResponseBody<B>> {

@@ -8,7 +8,7 @@ use http_body::{Body, Frame};
 
 use super::{
     background::StoreWrite,
-    capture::{CaptureState, READ_AHEAD_LIMIT},
+    capture::{read_ahead_weight, CaptureState, READ_AHEAD_LIMIT},
     copy::ResponseCopy,
     lock::LockGuard,
 };
@@ -100,7 +100,7 @@ where
         let Poll::Ready(Some(frame)) = state.poll_body(&mut cx) else {
             break;
         };
-        read_ahead += frame.data_ref().map_or(0, Bytes::len).max(1);
+        read_ahead += read_ahead_weight(&frame);
         state.ready.push_back(frame);
     }
     // The rest is read at the client's pace, which may be slower than a
