@@ -219,6 +219,42 @@ mod real {
         })
     }
 
+    /// What a raw client does for a first use: a lock taken with
+    /// `SET NX PX`, then the response stored with `SET PX`.
+    async fn raw_first_use(
+        conn: &mut impl redis::aio::ConnectionLike,
+        key: &RecordKey,
+        encoded: &Bytes,
+    ) {
+        let k = format!("bench-raw:{}", key.to_hex());
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&k)
+            .arg("lock")
+            .arg("NX")
+            .arg("PX")
+            .arg(60_000)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&k)
+            .arg(&encoded[..])
+            .arg("PX")
+            .arg(600_000)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
+    /// What a raw client does for a replay: one `GET` of the stored response.
+    async fn raw_get(conn: &mut impl redis::aio::ConnectionLike) {
+        let _: Vec<u8> = redis::cmd("GET")
+            .arg("bench-raw:hot")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+
     fn time<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, mut f: F) -> Duration
     where
         F: FnMut(u64) -> Fut,
@@ -288,29 +324,8 @@ mod real {
             b.iter_custom(|n| {
                 time(&rt, n, |_| {
                     let (mut conn, encoded) = (raw_redis.clone(), encoded.clone());
-                    async move {
-                        let k = format!(
-                            "bench-raw:{}",
-                            key(fresh.fetch_add(1, Ordering::Relaxed)).to_hex()
-                        );
-                        let _: Option<String> = redis::cmd("SET")
-                            .arg(&k)
-                            .arg("lock")
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(60_000)
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                        let _: () = redis::cmd("SET")
-                            .arg(&k)
-                            .arg(&encoded[..])
-                            .arg("PX")
-                            .arg(600_000)
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                    }
+                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                    async move { raw_first_use(&mut conn, &k, &encoded).await }
                 })
             })
         });
@@ -343,13 +358,7 @@ mod real {
             b.iter_custom(|n| {
                 time(&rt, n, |_| {
                     let mut conn = raw_redis.clone();
-                    async move {
-                        let _: Vec<u8> = redis::cmd("GET")
-                            .arg("bench-raw:hot")
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                    }
+                    async move { raw_get(&mut conn).await }
                 })
             })
         });
@@ -485,29 +494,8 @@ mod real {
             b.iter_custom(|n| {
                 time(rt, n, |_| {
                     let (mut conn, encoded) = (raw.clone(), encoded.clone());
-                    let k = format!(
-                        "bench-raw:{}",
-                        key(fresh.fetch_add(1, Ordering::Relaxed)).to_hex()
-                    );
-                    async move {
-                        let _: Option<String> = redis::cmd("SET")
-                            .arg(&k)
-                            .arg("lock")
-                            .arg("NX")
-                            .arg("PX")
-                            .arg(60_000)
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                        let _: () = redis::cmd("SET")
-                            .arg(&k)
-                            .arg(&encoded[..])
-                            .arg("PX")
-                            .arg(600_000)
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                    }
+                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                    async move { raw_first_use(&mut conn, &k, &encoded).await }
                 })
             })
         });
@@ -539,13 +527,7 @@ mod real {
             b.iter_custom(|n| {
                 time(rt, n, |_| {
                     let mut conn = raw.clone();
-                    async move {
-                        let _: Vec<u8> = redis::cmd("GET")
-                            .arg("bench-raw:hot")
-                            .query_async(&mut conn)
-                            .await
-                            .unwrap();
-                    }
+                    async move { raw_get(&mut conn).await }
                 })
             })
         });
