@@ -57,6 +57,7 @@
 //! | `redis` | [`RedisStore`](store::RedisStore), on `redis`'s `ConnectionManager` or its Redis Cluster client |
 //! | `postgres` | [`PostgresStore`](store::PostgresStore), on a `sqlx::PgPool` |
 //! | `conformance` | `store_conformance_tests!`, the suite every store passes |
+//! | `metrics` | decision counters and store call durations through the `metrics` facade ([`metrics`]) |
 //!
 //! The default build has only the in-memory [`MemoryStore`].
 #![cfg_attr(docsrs, feature(doc_cfg))]

@@ -16,6 +16,13 @@ pub(crate) struct Shared {
 
 impl Shared {
     pub(crate) fn new(config: Config, metrics: Metrics) -> Arc<Self> {
+        // Wrapped here, not in the layer, so that the layer's own settings
+        // (and `Debug`) keep the store the user gave.
+        #[cfg(feature = "metrics")]
+        let config = Config {
+            store: crate::metrics::TimedStore::wrap(config.store),
+            ..config
+        };
         Arc::new(Self {
             problems: Problems::new(
                 &config.problem_base,

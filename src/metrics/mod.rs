@@ -1,4 +1,24 @@
-//! Counters of the layer's decisions, for export to any metrics system.
+//! Counters of the layer's decisions, and their export through the
+//! `metrics` facade.
+//!
+//! Every layer keeps its own counters in a [`Metrics`] handle, with no
+//! dependency: read them with [`Metrics::count`] or [`Metrics::snapshot`]
+//! and export them however you like. With the `metrics` feature the layer
+//! also reports to whatever recorder the application installed for the
+//! [`metrics`](https://docs.rs/metrics) facade (a Prometheus exporter, for
+//! example), under these names:
+//!
+//! | name | type | labels | what |
+//! |---|---|---|---|
+//! | `idempotency_requests_total` | counter | `outcome`: [`Decision::as_str`] | requests the layer decided |
+//! | `idempotency_store_call_duration_seconds` | histogram | `operation`: `begin`, `complete`, `release`, `fence`, `renew`; `result`: `ok`, `error` | how long each store call took |
+//!
+//! The histogram times the calls the layer makes, and [`Execution::fence`](crate::Execution::fence);
+//! a fence the handler runs in its own transaction (`PostgresStore::fence_in`)
+//! is the handler's to time. [`describe`] registers the descriptions and units.
+
+#[cfg(feature = "metrics")]
+mod timed;
 
 use std::sync::{
     atomic::{AtomicU64, Ordering},
@@ -60,6 +80,32 @@ impl Decision {
     ];
 }
 
+#[cfg(feature = "metrics")]
+pub(crate) use timed::TimedStore;
+
+#[cfg(feature = "metrics")]
+const REQUESTS: &str = "idempotency_requests_total";
+#[cfg(feature = "metrics")]
+const STORE_CALL_DURATION: &str = "idempotency_store_call_duration_seconds";
+
+/// Describes the layer's metrics to the installed recorder, so that an
+/// exporter can print their help texts and units. Call it once, after
+/// installing the recorder.
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub fn describe() {
+    ::metrics::describe_counter!(
+        REQUESTS,
+        ::metrics::Unit::Count,
+        "Requests the idempotency layer decided, by outcome."
+    );
+    ::metrics::describe_histogram!(
+        STORE_CALL_DURATION,
+        ::metrics::Unit::Seconds,
+        "Duration of idempotency store calls, by operation and result."
+    );
+}
+
 /// A handle on the counters of one layer; cheap to clone.
 ///
 /// ```
@@ -80,6 +126,8 @@ pub struct Metrics {
 impl Metrics {
     pub(crate) fn record(&self, decision: Decision) {
         self.counts[decision as usize].fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        ::metrics::counter!(REQUESTS, "outcome" => decision.as_str()).increment(1);
         tracing::debug!(outcome = decision.as_str(), "idempotency decision");
     }
 
