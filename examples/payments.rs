@@ -36,6 +36,10 @@
 //! that stalls past its lease finds its fence refused and rolls back. Every
 //! replica reads every payment from the table. With the memory and Redis
 //! stores the payments live in this process's memory.
+//!
+//! Built with the `utoipa` feature it serves its OpenAPI document at
+//! `GET /openapi.json`, with the key header and the layer's answers on
+//! `POST /payments`.
 
 use std::{
     collections::BTreeMap,
@@ -442,6 +446,86 @@ mod postgres {
     }
 }
 
+/// The API's OpenAPI document: its three operations, written out here,
+/// and what the idempotency layer adds to the one it covers.
+#[cfg(feature = "utoipa")]
+mod openapi {
+    use serde_json::json;
+    use tower_idempotency::IdempotencyLayer;
+    use utoipa::{
+        openapi::{
+            path::{HttpMethod, OperationBuilder, ParameterBuilder, ParameterIn, PathItem},
+            request_body::RequestBodyBuilder,
+            response::ResponseBuilder,
+            schema::{ObjectBuilder, Type},
+            ContentBuilder, InfoBuilder, OpenApi, OpenApiBuilder, PathsBuilder, Required,
+        },
+        Modify,
+    };
+
+    fn json_response(description: &str, example: serde_json::Value) -> ResponseBuilder {
+        ResponseBuilder::new().description(description).content(
+            "application/json",
+            ContentBuilder::new().example(Some(example)).build(),
+        )
+    }
+
+    pub(super) fn document(layer: Option<&IdempotencyLayer>) -> OpenApi {
+        let payment =
+            json!({"id": "pay_1", "amount": 1000, "currency": "EUR", "status": "succeeded"});
+        let new_payment = ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .property("amount", ObjectBuilder::new().schema_type(Type::Integer))
+            .property("currency", ObjectBuilder::new().schema_type(Type::String))
+            .property(
+                "description",
+                ObjectBuilder::new().schema_type(Type::String),
+            )
+            .required("amount")
+            .required("currency");
+        let create = OperationBuilder::new()
+            .summary(Some("Charge a payment"))
+            .request_body(Some(
+                RequestBodyBuilder::new()
+                    .content(
+                        "application/json",
+                        ContentBuilder::new().schema(Some(new_payment)).build(),
+                    )
+                    .required(Some(Required::True))
+                    .build(),
+            ))
+            .response("201", json_response("The payment", payment.clone()));
+        let list = OperationBuilder::new()
+            .summary(Some("Every payment"))
+            .response("200", json_response("The payments", json!([payment])));
+        let show = OperationBuilder::new()
+            .summary(Some("One payment"))
+            .parameter(
+                ParameterBuilder::new()
+                    .name("id")
+                    .parameter_in(ParameterIn::Path)
+                    .required(Required::True)
+                    .schema(Some(ObjectBuilder::new().schema_type(Type::String))),
+            )
+            .response("200", json_response("The payment", payment))
+            .response("404", ResponseBuilder::new().description("No such payment"));
+        let mut payments = PathItem::new(HttpMethod::Post, create);
+        payments.get = Some(list.build());
+        let mut document = OpenApiBuilder::new()
+            .info(InfoBuilder::new().title("payments").version("1").build())
+            .paths(
+                PathsBuilder::new()
+                    .path("/payments", payments)
+                    .path("/payments/{id}", PathItem::new(HttpMethod::Get, show)),
+            )
+            .build();
+        if let Some(layer) = layer {
+            layer.openapi_docs().modify(&mut document);
+        }
+        document
+    }
+}
+
 #[tokio::main]
 async fn main() {
     let port: u16 = setting("PORT", 3000);
@@ -468,23 +552,29 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    let layer = store.as_ref().map(|store| {
+        IdempotencyLayer::with_shared_store(Arc::clone(store))
+            .with_key_required(true)
+            // A client that re-serialises its payment (other key order
+            // or spacing) still gets its replay, not a 422.
+            .with_body_fingerprint(body_fingerprint)
+            .with_expiry_header(IDEMPOTENCY_EXPIRES)
+            .with_ttl(ttl)
+            .with_lease(lease)
+    });
     let mut create_route = post(create).get(list);
-    if let Some(store) = &store {
-        create_route = create_route.layer(
-            IdempotencyLayer::with_shared_store(Arc::clone(store))
-                .with_key_required(true)
-                // A client that re-serialises its payment (other key order
-                // or spacing) still gets its replay, not a 422.
-                .with_body_fingerprint(body_fingerprint)
-                .with_expiry_header(IDEMPOTENCY_EXPIRES)
-                .with_ttl(ttl)
-                .with_lease(lease),
-        );
+    if let Some(layer) = &layer {
+        create_route = create_route.layer(layer.clone());
     }
     let router = Router::new()
         .route("/payments", create_route)
-        .route("/payments/{id}", get(show))
-        .with_state(app);
+        .route("/payments/{id}", get(show));
+    #[cfg(feature = "utoipa")]
+    let router = {
+        let document = openapi::document(layer.as_ref());
+        router.route("/openapi.json", get(move || async move { Json(document) }))
+    };
+    let router = router.with_state(app);
 
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
         .await

@@ -332,6 +332,20 @@ impl IdempotencyLayer {
     pub fn metrics(&self) -> Metrics {
         self.metrics.clone()
     }
+
+    /// OpenAPI docs for the operations this layer covers: its methods,
+    /// whether it requires a key, and its expiry header.
+    #[cfg(feature = "utoipa")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "utoipa")))]
+    pub fn openapi_docs(&self) -> crate::openapi::IdempotencyDocs {
+        let docs = crate::openapi::IdempotencyDocs::new()
+            .with_methods(self.config.methods.iter().cloned())
+            .with_key_required(self.config.key_required);
+        match &self.config.expiry_header {
+            Some(name) => docs.with_expiry_header(name.clone()),
+            None => docs,
+        }
+    }
 }
 
 impl fmt::Debug for IdempotencyLayer {

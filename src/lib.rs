@@ -57,6 +57,7 @@
 //! | `redis` | [`RedisStore`](store::RedisStore), on `redis`'s `ConnectionManager` or its Redis Cluster client |
 //! | `postgres` | [`PostgresStore`](store::PostgresStore), on a `sqlx::PgPool` |
 //! | `conformance` | `store_conformance_tests!`, the suite every store passes |
+//! | `utoipa` | [`openapi::IdempotencyDocs`]: the key header, `Idempotent-Replayed` and the problem answers in an OpenAPI document |
 //! | `metrics` | decision counters and store call durations through the `metrics` facade ([`metrics`]) |
 //!
 //! The default build has only the in-memory [`MemoryStore`].
@@ -75,6 +76,9 @@ pub mod key;
 mod keyed;
 mod layer;
 pub mod metrics;
+#[cfg(feature = "utoipa")]
+#[cfg_attr(docsrs, doc(cfg(feature = "utoipa")))]
+pub mod openapi;
 pub mod policy;
 pub mod problem;
 mod service;
