@@ -58,12 +58,16 @@
 //! | `postgres` | [`PostgresStore`](store::PostgresStore), on a `sqlx::PgPool` |
 //! | `conformance` | `store_conformance_tests!`, the suite every store passes |
 //! | `utoipa` | [`openapi::IdempotencyDocs`]: the key header, `Idempotent-Replayed` and the problem answers in an OpenAPI document |
+//! | `client` | [`client`]: a layer that stamps a fresh key on each request and keeps it across retries, and a retry policy that knows the layer's answers |
 //! | `metrics` | decision counters and store call durations through the `metrics` facade ([`metrics`]) |
 //!
 //! The default build has only the in-memory [`MemoryStore`].
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod body;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 mod config;
 #[cfg(feature = "conformance")]
 #[cfg_attr(docsrs, doc(cfg(feature = "conformance")))]

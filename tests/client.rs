@@ -1,0 +1,326 @@
+//! The client layer and retry policy (feature `client`), driving real
+//! servers on 127.0.0.1 through hyper-util's client.
+
+#[path = "common/process.rs"]
+mod process;
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::{
+    client::legacy::{connect::HttpConnector, Client},
+    rt::{TokioExecutor, TokioIo},
+};
+use tower::{retry::RetryLayer, service_fn, util::BoxCloneService, ServiceBuilder, ServiceExt};
+use tower_idempotency::{
+    client::{RetryPolicy, SetIdempotencyKeyLayer},
+    BoxError, IdempotencyLayer,
+};
+type App = BoxCloneService<Request<Incoming>, Response<UnsyncBoxBody<Bytes, BoxError>>, Infallible>;
+
+/// What a test server saw.
+#[derive(Default)]
+struct Seen {
+    /// The `Idempotency-Key` of each request that reached the server.
+    keys: Mutex<Vec<Option<String>>>,
+    /// Runs of the handler behind the idempotency layer.
+    payments: AtomicUsize,
+}
+
+impl Seen {
+    fn keys(&self) -> Vec<Option<String>> {
+        self.keys.lock().unwrap().clone()
+    }
+}
+
+/// Serves `app` on 127.0.0.1, cutting the connection instead of answering
+/// the first `drop_first` requests (after the app has answered them).
+async fn serve(app: App, seen: Arc<Seen>, drop_first: usize) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (app, seen, requests) = (app.clone(), Arc::clone(&seen), Arc::clone(&requests));
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let (app, seen, requests) = (app.clone(), Arc::clone(&seen), Arc::clone(&requests));
+                async move {
+                    let key = request.headers().get("idempotency-key");
+                    seen.keys
+                        .lock()
+                        .unwrap()
+                        .push(key.map(|k| k.to_str().unwrap().to_owned()));
+                    let (parts, body) = app.oneshot(request).await.unwrap().into_parts();
+                    // Read to the end, so the layer has stored the response
+                    // before the connection is cut.
+                    let body = body.collect().await.unwrap().to_bytes();
+                    if requests.fetch_add(1, Ordering::SeqCst) < drop_first {
+                        return Err(std::io::Error::other("response dropped"));
+                    }
+                    Ok(Response::from_parts(parts, Full::new(body)))
+                }
+            });
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A payments endpoint behind the idempotency layer: each run takes
+/// `delay` and answers 201 with the payment's number.
+fn payments(seen: &Arc<Seen>, delay: Duration) -> App {
+    let seen = Arc::clone(seen);
+    let handler = service_fn(move |_: Request<_>| {
+        let seen = Arc::clone(&seen);
+        async move {
+            let payment = seen.payments.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(delay).await;
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .status(StatusCode::CREATED)
+                    .body(Full::new(Bytes::from(format!("payment {payment}"))))
+                    .unwrap(),
+            )
+        }
+    });
+    let app = ServiceBuilder::new()
+        .layer(IdempotencyLayer::default())
+        .service(handler)
+        .map_response(|response| response.map(|body| body.map_err(Into::into).boxed_unsync()));
+    BoxCloneService::new(app)
+}
+
+/// Answers each request with the next of `answers` (the last one repeats).
+fn scripted(answers: Vec<(StatusCode, Option<&'static str>)>) -> App {
+    let next = Arc::new(AtomicUsize::new(0));
+    BoxCloneService::new(service_fn(move |_: Request<Incoming>| {
+        let n = next.fetch_add(1, Ordering::SeqCst).min(answers.len() - 1);
+        let (status, retry_after) = answers[n];
+        let mut response = Response::builder().status(status);
+        if let Some(seconds) = retry_after {
+            response = response
+                .header("retry-after", seconds)
+                .header("content-type", "application/problem+json");
+        }
+        let body = Full::new(Bytes::from_static(b"{}")).map_err(|never| match never {});
+        async move { Ok(response.body(body.boxed_unsync()).unwrap()) }
+    }))
+}
+
+fn client(
+    policy: RetryPolicy,
+) -> BoxCloneService<Request<Full<Bytes>>, Response<Incoming>, BoxError> {
+    let transport: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    BoxCloneService::new(
+        ServiceBuilder::new()
+            .layer(SetIdempotencyKeyLayer::new())
+            .layer(RetryLayer::new(policy))
+            .service(transport)
+            .map_err(BoxError::from),
+    )
+}
+
+fn quick() -> RetryPolicy {
+    RetryPolicy::new().with_backoff(Duration::from_millis(20))
+}
+
+fn payment(addr: SocketAddr) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{addr}/payments"))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"amount":1000}"#)))
+        .unwrap()
+}
+
+async fn text(response: Response<Incoming>) -> String {
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(body.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn a_dropped_response_is_retried_with_the_same_key_and_replayed() {
+    let seen = Arc::new(Seen::default());
+    let addr = serve(payments(&seen, Duration::ZERO), Arc::clone(&seen), 1).await;
+
+    let response = client(quick()).oneshot(payment(addr)).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(text(response).await, "payment 1");
+    assert_eq!(seen.payments.load(Ordering::SeqCst), 1);
+    let keys = seen.keys();
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0].is_some());
+    assert_eq!(keys[0], keys[1]);
+}
+
+#[tokio::test]
+async fn a_request_in_flight_is_retried_after_its_retry_after() {
+    let seen = Arc::new(Seen::default());
+    let addr = serve(
+        payments(&seen, Duration::from_millis(600)),
+        Arc::clone(&seen),
+        0,
+    )
+    .await;
+    let keyed = || {
+        let mut request = payment(addr);
+        let key = "8e03978e-40d5-43e8-bc93-6894a57f9324".parse().unwrap();
+        request.headers_mut().insert("idempotency-key", key);
+        request
+    };
+    let (first, second) = (keyed(), keyed());
+
+    let running = tokio::spawn(client(RetryPolicy::new().with_max_retries(0)).oneshot(first));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let response = client(quick()).oneshot(second).await.unwrap();
+
+    assert_eq!(response.status(), StatusCode::CREATED);
+    assert_eq!(response.headers()["idempotent-replayed"], "true");
+    assert_eq!(
+        running.await.unwrap().unwrap().status(),
+        StatusCode::CREATED
+    );
+    assert_eq!(seen.payments.load(Ordering::SeqCst), 1);
+    // The first request, the 409 and the retry a second later.
+    assert_eq!(seen.keys().len(), 3);
+}
+
+/// Sends one payment through `policy` to a server answering `answers`:
+/// the final status and the key of each attempt that reached the server.
+async fn against(
+    answers: Vec<(StatusCode, Option<&'static str>)>,
+    policy: RetryPolicy,
+) -> (StatusCode, Vec<Option<String>>) {
+    let seen = Arc::new(Seen::default());
+    let addr = serve(scripted(answers), Arc::clone(&seen), 0).await;
+    let response = client(policy).oneshot(payment(addr)).await.unwrap();
+    (response.status(), seen.keys())
+}
+
+#[tokio::test]
+async fn a_key_reused_answer_is_never_retried() {
+    let answers = vec![
+        (StatusCode::UNPROCESSABLE_ENTITY, None),
+        (StatusCode::CREATED, None),
+    ];
+    let (status, attempts) = against(answers, quick()).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(attempts.len(), 1);
+}
+
+#[tokio::test]
+async fn store_unavailable_is_retried_after_its_retry_after() {
+    let answers = vec![
+        (StatusCode::SERVICE_UNAVAILABLE, Some("0")),
+        (StatusCode::CREATED, None),
+    ];
+    let (status, attempts) = against(answers, quick()).await;
+    assert_eq!(status, StatusCode::CREATED);
+    assert_eq!(attempts.len(), 2);
+    assert_eq!(attempts[0], attempts[1]);
+}
+
+#[tokio::test]
+async fn a_conflict_without_retry_after_is_not_retried() {
+    let answers = vec![(StatusCode::CONFLICT, None), (StatusCode::CREATED, None)];
+    let (status, attempts) = against(answers, quick()).await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    assert_eq!(attempts.len(), 1);
+}
+
+#[tokio::test]
+async fn retries_stop_after_the_maximum() {
+    let answers = vec![(StatusCode::SERVICE_UNAVAILABLE, Some("0"))];
+    let (status, attempts) = against(answers, quick().with_max_retries(2)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(attempts.len(), 3);
+}
+
+#[tokio::test]
+async fn a_post_without_a_key_is_never_retried() {
+    let seen = Arc::new(Seen::default());
+    let addr = serve(payments(&seen, Duration::ZERO), Arc::clone(&seen), 1).await;
+    let transport: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build_http();
+    let unkeyed = ServiceBuilder::new()
+        .layer(RetryLayer::new(quick()))
+        .service(transport);
+
+    assert!(unkeyed.oneshot(payment(addr)).await.is_err());
+    assert_eq!(seen.keys(), vec![None]);
+}
+
+#[tokio::test]
+async fn a_key_the_caller_set_is_kept() {
+    let seen = Arc::new(Seen::default());
+    let addr = serve(payments(&seen, Duration::ZERO), Arc::clone(&seen), 0).await;
+    let mut request = payment(addr);
+    request
+        .headers_mut()
+        .insert("idempotency-key", "order-42".parse().unwrap());
+    client(quick()).oneshot(request).await.unwrap();
+    assert_eq!(seen.keys(), vec![Some("order-42".to_owned())]);
+}
+
+#[tokio::test]
+async fn each_new_request_gets_a_new_key_and_reads_get_none() {
+    let seen = Arc::new(Seen::default());
+    let addr = serve(payments(&seen, Duration::ZERO), Arc::clone(&seen), 0).await;
+    let client = client(quick());
+    client.clone().oneshot(payment(addr)).await.unwrap();
+    client.clone().oneshot(payment(addr)).await.unwrap();
+    let read = Request::get(format!("http://{addr}/payments"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    client.oneshot(read).await.unwrap();
+
+    let keys = seen.keys();
+    assert_eq!(keys.len(), 3);
+    assert_ne!(keys[0], keys[1]);
+    assert_eq!(keys[2], None);
+    // Both payments ran, and so did the read, which the layer passes through.
+    assert_eq!(seen.payments.load(Ordering::SeqCst), 3);
+}
+
+#[tokio::test]
+async fn the_client_example_charges_the_payments_example_once_per_payment() {
+    let server = process::start("payments", &[]);
+    let output = std::process::Command::new(process::example_path("client"))
+        .arg("3")
+        .env("PAYMENTS_URL", &server.base)
+        .output()
+        .expect("run the client example");
+    assert!(output.status.success(), "{output:?}");
+    let printed = String::from_utf8(output.stdout).unwrap();
+    assert_eq!(printed.matches("201 Created").count(), 3, "{printed}");
+
+    let listed: Vec<serde_json::Value> = reqwest::get(format!("{}/payments", server.base))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut amounts: Vec<_> = listed
+        .iter()
+        .map(|p| p["amount"].as_u64().unwrap())
+        .collect();
+    amounts.sort_unstable();
+    assert_eq!(amounts, vec![100, 200, 300]);
+}
