@@ -26,25 +26,10 @@ use tonic::{body::Body, codegen::BoxFuture, server::NamedService, Request, Respo
 use tonic_prost::ProstCodec;
 use tower_idempotency::IdempotencyLayer;
 
-const CHARGE: &str = "/payments.Payments/Charge";
+#[path = "common/payments_proto.rs"]
+mod proto;
 
-/// `message ChargeRequest { uint64 amount = 1; string currency = 2; }`
-#[derive(Clone, PartialEq, prost::Message)]
-struct ChargeRequest {
-    #[prost(uint64, tag = "1")]
-    amount: u64,
-    #[prost(string, tag = "2")]
-    currency: String,
-}
-
-/// `message ChargeReply { string id = 1; uint64 amount = 2; }`
-#[derive(Clone, PartialEq, prost::Message)]
-struct ChargeReply {
-    #[prost(string, tag = "1")]
-    id: String,
-    #[prost(uint64, tag = "2")]
-    amount: u64,
-}
+use proto::{ChargeReply, ChargeRequest, CHARGE};
 
 /// The `payments.Payments` service, written out as tonic's code generator
 /// would, so the example needs no `protoc`.

@@ -42,7 +42,7 @@ pub enum KeyError {
     /// The key holds a character outside visible ASCII.
     #[error("the Idempotency-Key may only hold visible ASCII characters")]
     InvalidCharacter,
-    /// A quoted key is not a valid RFC 8941 string.
+    /// A quoted key is not a valid RFC 9651 string.
     #[error("the quoted Idempotency-Key is not a valid structured-field string")]
     MalformedString,
 }
@@ -50,9 +50,10 @@ pub enum KeyError {
 /// Reads the key from request headers.
 ///
 /// Returns `Ok(None)` when there is no key. Both forms are accepted: a bare
-/// token (`Idempotency-Key: 8e03978e`) and the RFC 8941 string of the IETF
+/// token (`Idempotency-Key: 8e03978e`) and the RFC 9651 string of the IETF
 /// draft (`Idempotency-Key: "8e03978e"`); both name the same key. A value
-/// that begins with a double quote is read as the quoted form.
+/// that begins with a double quote is read as the quoted form (by the
+/// `sfv` crate with the `sfv` feature, and by the same rules without it).
 ///
 /// ```
 /// use http::HeaderMap;
@@ -84,7 +85,14 @@ pub(crate) fn key_in(headers: &HeaderMap) -> Result<Option<Cow<'_, str>>, KeyErr
 fn parse_value(value: &HeaderValue) -> Result<Cow<'_, str>, KeyError> {
     let raw = trim_ows(value.as_bytes());
     let key = match raw {
-        [b'"', ..] => Cow::Owned(unquote(raw)?),
+        [b'"', ..] => {
+            // Checked before the string is read, so that both readers of
+            // the quoted form refuse a stray character the same way.
+            if !raw.iter().all(|b| (0x20..=0x7e).contains(b)) {
+                return Err(KeyError::InvalidCharacter);
+            }
+            Cow::Owned(unquote(raw)?)
+        }
         _ => {
             if !raw.iter().all(|b| (0x21..=0x7e).contains(b)) {
                 return Err(KeyError::InvalidCharacter);
@@ -114,8 +122,10 @@ fn trim_ows(mut bytes: &[u8]) -> &[u8] {
     bytes
 }
 
-/// RFC 8941 section 4.2.5: a string is DQUOTE, printable ASCII with `\"` and
-/// `\\` as the only escapes, DQUOTE, and nothing after it.
+/// RFC 9651 section 4.2.5: a string is DQUOTE, printable ASCII with `\"` and
+/// `\\` as the only escapes, DQUOTE, and nothing after it. `raw` holds
+/// printable ASCII only.
+#[cfg(not(feature = "sfv"))]
 fn unquote(raw: &[u8]) -> Result<String, KeyError> {
     let mut out = String::with_capacity(raw.len());
     let mut bytes = raw[1..].iter();
@@ -127,14 +137,26 @@ fn unquote(raw: &[u8]) -> Result<String, KeyError> {
                 Some(&c @ (b'"' | b'\\')) => out.push(char::from(c)),
                 _ => return Err(KeyError::MalformedString),
             },
-            Some(&c) if (0x20..=0x7e).contains(&c) => out.push(char::from(c)),
-            Some(_) => return Err(KeyError::InvalidCharacter),
+            Some(&c) => out.push(char::from(c)),
         }
     }
     if bytes.next().is_some() {
         return Err(KeyError::MalformedString);
     }
     Ok(out)
+}
+
+/// The quoted form read as an RFC 9651 item by `sfv`: a string with no
+/// parameters.
+#[cfg(feature = "sfv")]
+fn unquote(raw: &[u8]) -> Result<String, KeyError> {
+    let item: sfv::Item = sfv::Parser::new(raw)
+        .parse()
+        .map_err(|_| KeyError::MalformedString)?;
+    match item.bare_item {
+        sfv::BareItem::String(key) if item.params.is_empty() => Ok(key.into()),
+        _ => Err(KeyError::MalformedString),
+    }
 }
 
 /// Where a stored record lives: a SHA-256 digest of the scope and the key.

@@ -59,6 +59,7 @@
 //! | `conformance` | `store_conformance_tests!`, the suite every store passes |
 //! | `utoipa` | [`openapi::IdempotencyDocs`]: the key header, `Idempotent-Replayed` and the problem answers in an OpenAPI document |
 //! | `client` | [`client`]: a layer that stamps a fresh key on each request and keeps it across retries, and a retry policy that knows the layer's answers |
+//! | `sfv` | the quoted key header read by the `sfv` structured-field parser instead of the crate's own reader of the same rules |
 //! | `metrics` | decision counters and store call durations through the `metrics` facade ([`metrics`]) |
 //!
 //! The default build has only the in-memory [`MemoryStore`].

@@ -324,3 +324,47 @@ async fn the_client_example_charges_the_payments_example_once_per_payment() {
     amounts.sort_unstable();
     assert_eq!(amounts, vec![100, 200, 300]);
 }
+
+#[path = "../examples/common/payments_proto.rs"]
+mod proto;
+
+#[tokio::test]
+async fn a_tonic_channel_gets_a_key_on_every_call() {
+    let server = process::start("grpc", &[]);
+    let channel = tonic::transport::Channel::from_shared(server.base.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&sent);
+    let stamped = ServiceBuilder::new()
+        .layer(SetIdempotencyKeyLayer::new())
+        .map_request(move |request: Request<tonic::body::Body>| {
+            let key = request.headers().get("idempotency-key").cloned();
+            recorded.lock().unwrap().push(key);
+            request
+        })
+        .service(channel);
+    let mut client = tonic::client::Grpc::new(stamped);
+
+    for amount in [1500, 900] {
+        client.ready().await.unwrap();
+        let reply = client
+            .unary(
+                tonic::Request::new(proto::ChargeRequest {
+                    amount,
+                    currency: "EUR".to_owned(),
+                }),
+                http::uri::PathAndQuery::from_static(proto::CHARGE),
+                tonic_prost::ProstCodec::<proto::ChargeRequest, proto::ChargeReply>::default(),
+            )
+            .await
+            .expect("charged");
+        assert_eq!(reply.into_inner().amount, amount);
+    }
+    let sent = sent.lock().unwrap();
+    assert_eq!(sent.len(), 2);
+    assert!(sent.iter().all(Option::is_some));
+    assert_ne!(sent[0], sent[1]);
+}

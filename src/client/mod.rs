@@ -7,6 +7,13 @@
 //! clones the request for each attempt, so every attempt carries the same
 //! key and the server runs the request at most once.
 //!
+//! Both work on any Tower HTTP client: hyper-util's `Client`, or a tonic
+//! `Channel` (every gRPC call is a POST, so each gets its own key). The
+//! retry policy clones the request body for each attempt, so it needs a
+//! body that can be cloned, such as `Full<Bytes>`; a tonic body cannot,
+//! and a gRPC caller retries by sending its message again with the key of
+//! the first attempt.
+//!
 //! ```
 //! use std::time::Duration;
 //!
