@@ -26,7 +26,10 @@
 //! - `IDEMPOTENCY_STORE`: `memory` (default), a `redis://` URL (feature
 //!   `redis`), `redis+cluster://host:port,host:port,…` for a Redis Cluster
 //!   (feature `redis`), a `postgres://` URL (feature `postgres`), or `off` to serve
-//!   without the layer, as a baseline for load tests.
+//!   without the layer, as a baseline for load tests;
+//! - `IDEMPOTENCY_LAYER`: `off` serves without the layer but keeps the
+//!   store's ledger (payments in PostgreSQL stay there, unfenced): the
+//!   baseline for a shared store.
 //!
 //! On PostgreSQL the payments themselves live in a `payments` table, each
 //! inserted in the same transaction as the layer's fence
@@ -180,10 +183,8 @@ async fn create(
         }
         #[cfg(feature = "postgres")]
         Ledger::Postgres(ledger) => {
-            let Some(Extension(execution)) = execution else {
-                return server_error("a payment on PostgreSQL needs the idempotency layer");
-            };
-            match ledger.charge(payment, &execution, app.delay).await {
+            let execution = execution.as_ref().map(|Extension(execution)| execution);
+            match ledger.charge(payment, execution, app.delay).await {
                 Ok(payment) => payment,
                 Err(answer) => return answer,
             }
@@ -349,12 +350,14 @@ mod postgres {
         pub(super) async fn charge(
             &self,
             payment: Payment,
-            execution: &Execution,
+            execution: Option<&Execution>,
             delay: Duration,
         ) -> Result<Payment, Response> {
-            let record_key = execution.record_key();
-            let key = &record_key.as_bytes()[..];
-            if execution.is_recovery() {
+            // Without the layer (`IDEMPOTENCY_LAYER=off`, a baseline for
+            // load tests) a payment has no record key: its id stands in.
+            let record_key = execution.map(Execution::record_key);
+            let key = record_key.as_ref().map_or(payment.id.as_bytes(), |k| &k.as_bytes()[..]);
+            if execution.is_some_and(Execution::is_recovery) {
                 return match self.by_record(key).await {
                     Ok(Some(committed)) => Ok(committed),
                     Ok(None) => Err(server_error(
@@ -368,7 +371,9 @@ mod postgres {
             }
             let charged = async {
                 let mut tx = self.pool.begin().await.map_err(StoreError::backend)?;
-                self.store.fence_in(&mut tx, execution).await?;
+                if let Some(execution) = execution {
+                    self.store.fence_in(&mut tx, execution).await?;
+                }
                 sqlx::query(
                     "INSERT INTO payments (id, record_key, amount, currency, description, status)
                      VALUES ($1, $2, $3, $4, $5, $6)",
@@ -552,7 +557,8 @@ async fn main() {
             std::process::exit(2);
         }
     };
-    let layer = store.as_ref().map(|store| {
+    let layer_on = env::var("IDEMPOTENCY_LAYER").as_deref() != Ok("off");
+    let layer = store.as_ref().filter(|_| layer_on).map(|store| {
         IdempotencyLayer::with_shared_store(Arc::clone(store))
             .with_key_required(true)
             // A client that re-serialises its payment (other key order
@@ -580,9 +586,11 @@ async fn main() {
         .await
         .unwrap_or_else(|e| panic!("cannot listen on 127.0.0.1:{port}: {e}"));
     let addr = listener.local_addr().expect("local address");
-    let store_name = store
-        .as_ref()
-        .map_or("none (layer off)".to_owned(), |s| format!("{s:?}"));
+    let store_name = match (&store, &layer) {
+        (Some(store), Some(_)) => format!("{store:?}"),
+        (Some(store), None) => format!("{store:?}, but the layer is off"),
+        (None, _) => "none (layer off)".to_owned(),
+    };
     println!("payments API listening on http://{addr}");
     println!("idempotency store: {store_name}");
     println!();
