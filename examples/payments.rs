@@ -356,7 +356,9 @@ mod postgres {
             // Without the layer (`IDEMPOTENCY_LAYER=off`, a baseline for
             // load tests) a payment has no record key: its id stands in.
             let record_key = execution.map(Execution::record_key);
-            let key = record_key.as_ref().map_or(payment.id.as_bytes(), |k| &k.as_bytes()[..]);
+            let key = record_key
+                .as_ref()
+                .map_or(payment.id.as_bytes(), |k| &k.as_bytes()[..]);
             if execution.is_some_and(Execution::is_recovery) {
                 return match self.by_record(key).await {
                     Ok(Some(committed)) => Ok(committed),

@@ -3,15 +3,18 @@
 //!
 //! [`IdempotencyDocs`] adds to an operation what a client of a protected
 //! route needs to know: the `Idempotency-Key` request header with its
-//! rules, the `Idempotent-Replayed` header on every response it documents
-//! (any kept response may come back as a replay), and the layer's own
+//! rules, the `Idempotent-Replayed` header on every response the
+//! application documents (any kept response may come back as a replay),
+//! and the layer's own
 //! `application/problem+json` answers (400, 408, 409, 413, 422, 429, 503)
 //! with the schema of their documents. A status the operation already
 //! documents keeps its description, followed by the layer's meaning of it.
 //!
 //! Build it from the layer ([`IdempotencyLayer::openapi_docs`]) so that it
 //! describes the same methods, key rule and expiry header, and apply it to
-//! a whole document as a [`Modify`] or to one [`Operation`]:
+//! a whole document as a [`Modify`] (every operation of those methods) or,
+//! for a layer on some routes only, to each of their [`Operation`]s with
+//! [`add_to`](IdempotencyDocs::add_to):
 //!
 //! ```
 //! use tower_idempotency::IdempotencyLayer;
@@ -65,9 +68,8 @@ const KEY_RULES: &str = "A key of the client's choosing, unique per operation (a
 const PROBLEMS: [(&str, &str, bool); 7] = [
     (
         "400",
-        "The Idempotency-Key header is missing where required (`missing-key`), or is empty, \
-         too long, not visible ASCII, malformed or repeated (`invalid-key`); or the body \
-         could not be read (`body-unreadable`).",
+        "The Idempotency-Key header is empty, too long, not visible ASCII, malformed or \
+         repeated (`invalid-key`), or the body could not be read (`body-unreadable`).",
         false,
     ),
     (
@@ -100,8 +102,8 @@ const PROBLEMS: [(&str, &str, bool); 7] = [
     ),
     (
         "503",
-        "The idempotency store is unavailable, so the request was not processed; retry after \
-         `Retry-After` (`store-unavailable`).",
+        "The idempotency store is unavailable, or answered with a record it cannot read, so \
+         this request was not run; retry after `Retry-After` (`store-unavailable`).",
         true,
     ),
 ];
@@ -158,8 +160,21 @@ impl IdempotencyDocs {
         parameters.retain(|p| !p.name.eq_ignore_ascii_case(IDEMPOTENCY_KEY.as_str()));
         parameters.push(self.key_parameter());
         let responses = &mut operation.responses.responses;
-        for (status, description, retry_after) in PROBLEMS {
-            let ours = problem_response(description, retry_after);
+        // The application's own answers may be replays; the layer's never
+        // are (and may be here from an earlier call).
+        for (status, response) in responses.iter_mut() {
+            if let RefOr::T(response) = response {
+                if self
+                    .problem(status)
+                    .is_none_or(|(ours, _)| response.description != ours)
+                {
+                    self.add_response_headers(response);
+                }
+            }
+        }
+        for (status, ..) in PROBLEMS {
+            let (description, retry_after) = self.problem(status).expect("one of the layer's");
+            let ours = problem_response(&description, retry_after);
             match responses.entry(status.to_owned()) {
                 Entry::Vacant(entry) => {
                     entry.insert(RefOr::T(ours));
@@ -171,11 +186,21 @@ impl IdempotencyDocs {
                 }
             }
         }
-        for response in responses.values_mut() {
-            if let RefOr::T(response) = response {
-                self.add_response_headers(response);
+    }
+
+    /// What the layer means by `status`, and whether it sends
+    /// `Retry-After` with it.
+    fn problem(&self, status: &str) -> Option<(String, bool)> {
+        let (_, description, retry_after) = PROBLEMS.iter().find(|(s, ..)| *s == status)?;
+        let description = match status {
+            "400" if self.key_required => {
+                format!(
+                    "{description} A request without the header is refused too (`missing-key`)."
+                )
             }
-        }
+            _ => (*description).to_owned(),
+        };
+        Some((description, *retry_after))
     }
 
     fn key_parameter(&self) -> Parameter {
@@ -285,7 +310,7 @@ fn problem_schema() -> Schema {
         .description(Some("A problem document (RFC 9457)."))
         .property(
             "type",
-            text().format(Some(SchemaFormat::Custom("uri".to_owned()))),
+            text().format(Some(SchemaFormat::Custom("uri-reference".to_owned()))),
         )
         .property("title", text())
         .property("status", ObjectBuilder::new().schema_type(Type::Integer))

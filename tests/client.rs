@@ -82,15 +82,25 @@ async fn serve(app: App, seen: Arc<Seen>, drop_first: usize) -> SocketAddr {
     addr
 }
 
-/// A payments endpoint behind the idempotency layer: each run takes
-/// `delay` and answers 201 with the payment's number.
-fn payments(seen: &Arc<Seen>, delay: Duration) -> App {
+/// Holds a handler's run until the test lets it finish.
+#[derive(Default)]
+struct Gate {
+    started: tokio::sync::Notify,
+    release: tokio::sync::Notify,
+}
+
+/// A payments endpoint behind the idempotency layer: each run answers 201
+/// with the payment's number, once `gate` (if any) releases it.
+fn payments(seen: &Arc<Seen>, gate: Option<Arc<Gate>>) -> App {
     let seen = Arc::clone(seen);
     let handler = service_fn(move |_: Request<_>| {
-        let seen = Arc::clone(&seen);
+        let (seen, gate) = (Arc::clone(&seen), gate.clone());
         async move {
             let payment = seen.payments.fetch_add(1, Ordering::SeqCst) + 1;
-            tokio::time::sleep(delay).await;
+            if let Some(gate) = gate {
+                gate.started.notify_one();
+                gate.release.notified().await;
+            }
             Ok::<_, Infallible>(
                 Response::builder()
                     .status(StatusCode::CREATED)
@@ -106,17 +116,24 @@ fn payments(seen: &Arc<Seen>, delay: Duration) -> App {
     BoxCloneService::new(app)
 }
 
+/// A status and its headers.
+type Scripted = (StatusCode, &'static [(&'static str, &'static str)]);
+
+/// What the layer sends when it asks for a retry.
+const ASKS_FOR_RETRY: &[(&str, &str)] = &[
+    ("retry-after", "0"),
+    ("content-type", "application/problem+json"),
+];
+
 /// Answers each request with the next of `answers` (the last one repeats).
-fn scripted(answers: Vec<(StatusCode, Option<&'static str>)>) -> App {
+fn scripted(answers: Vec<Scripted>) -> App {
     let next = Arc::new(AtomicUsize::new(0));
     BoxCloneService::new(service_fn(move |_: Request<Incoming>| {
         let n = next.fetch_add(1, Ordering::SeqCst).min(answers.len() - 1);
-        let (status, retry_after) = answers[n];
+        let (status, headers) = answers[n];
         let mut response = Response::builder().status(status);
-        if let Some(seconds) = retry_after {
-            response = response
-                .header("retry-after", seconds)
-                .header("content-type", "application/problem+json");
+        for (name, value) in headers {
+            response = response.header(*name, *value);
         }
         let body = Full::new(Bytes::from_static(b"{}")).map_err(|never| match never {});
         async move { Ok(response.body(body.boxed_unsync()).unwrap()) }
@@ -156,7 +173,7 @@ async fn text(response: Response<Incoming>) -> String {
 #[tokio::test]
 async fn a_dropped_response_is_retried_with_the_same_key_and_replayed() {
     let seen = Arc::new(Seen::default());
-    let addr = serve(payments(&seen, Duration::ZERO), Arc::clone(&seen), 1).await;
+    let addr = serve(payments(&seen, None), Arc::clone(&seen), 1).await;
 
     let response = client(quick()).oneshot(payment(addr)).await.unwrap();
 
@@ -173,8 +190,9 @@ async fn a_dropped_response_is_retried_with_the_same_key_and_replayed() {
 #[tokio::test]
 async fn a_request_in_flight_is_retried_after_its_retry_after() {
     let seen = Arc::new(Seen::default());
+    let gate = Arc::new(Gate::default());
     let addr = serve(
-        payments(&seen, Duration::from_millis(600)),
+        payments(&seen, Some(Arc::clone(&gate))),
         Arc::clone(&seen),
         0,
     )
@@ -188,8 +206,16 @@ async fn a_request_in_flight_is_retried_after_its_retry_after() {
     let (first, second) = (keyed(), keyed());
 
     let running = tokio::spawn(client(RetryPolicy::new().with_max_retries(0)).oneshot(first));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let response = client(quick()).oneshot(second).await.unwrap();
+    gate.started.notified().await;
+    let retried = tokio::spawn(client(quick()).oneshot(second));
+    // The second request's first attempt has been answered 409 (it never
+    // reaches the handler): let the first run finish before its retry,
+    // which waits for the 409's `Retry-After` of one second.
+    while seen.keys().len() < 2 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    gate.release.notify_one();
+    let response = retried.await.unwrap().unwrap();
 
     assert_eq!(response.status(), StatusCode::CREATED);
     assert_eq!(response.headers()["idempotent-replayed"], "true");
@@ -198,16 +224,13 @@ async fn a_request_in_flight_is_retried_after_its_retry_after() {
         StatusCode::CREATED
     );
     assert_eq!(seen.payments.load(Ordering::SeqCst), 1);
-    // The first request, the 409 and the retry a second later.
+    // The first request, the 409 and the retry.
     assert_eq!(seen.keys().len(), 3);
 }
 
 /// Sends one payment through `policy` to a server answering `answers`:
 /// the final status and the key of each attempt that reached the server.
-async fn against(
-    answers: Vec<(StatusCode, Option<&'static str>)>,
-    policy: RetryPolicy,
-) -> (StatusCode, Vec<Option<String>>) {
+async fn against(answers: Vec<Scripted>, policy: RetryPolicy) -> (StatusCode, Vec<Option<String>>) {
     let seen = Arc::new(Seen::default());
     let addr = serve(scripted(answers), Arc::clone(&seen), 0).await;
     let response = client(policy).oneshot(payment(addr)).await.unwrap();
@@ -216,9 +239,9 @@ async fn against(
 
 #[tokio::test]
 async fn a_key_reused_answer_is_never_retried() {
-    let answers = vec![
-        (StatusCode::UNPROCESSABLE_ENTITY, None),
-        (StatusCode::CREATED, None),
+    let answers: Vec<Scripted> = vec![
+        (StatusCode::UNPROCESSABLE_ENTITY, &[]),
+        (StatusCode::CREATED, &[]),
     ];
     let (status, attempts) = against(answers, quick()).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
@@ -227,9 +250,9 @@ async fn a_key_reused_answer_is_never_retried() {
 
 #[tokio::test]
 async fn store_unavailable_is_retried_after_its_retry_after() {
-    let answers = vec![
-        (StatusCode::SERVICE_UNAVAILABLE, Some("0")),
-        (StatusCode::CREATED, None),
+    let answers: Vec<Scripted> = vec![
+        (StatusCode::SERVICE_UNAVAILABLE, ASKS_FOR_RETRY),
+        (StatusCode::CREATED, &[]),
     ];
     let (status, attempts) = against(answers, quick()).await;
     assert_eq!(status, StatusCode::CREATED);
@@ -239,7 +262,7 @@ async fn store_unavailable_is_retried_after_its_retry_after() {
 
 #[tokio::test]
 async fn a_conflict_without_retry_after_is_not_retried() {
-    let answers = vec![(StatusCode::CONFLICT, None), (StatusCode::CREATED, None)];
+    let answers: Vec<Scripted> = vec![(StatusCode::CONFLICT, &[]), (StatusCode::CREATED, &[])];
     let (status, attempts) = against(answers, quick()).await;
     assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(attempts.len(), 1);
@@ -247,7 +270,7 @@ async fn a_conflict_without_retry_after_is_not_retried() {
 
 #[tokio::test]
 async fn retries_stop_after_the_maximum() {
-    let answers = vec![(StatusCode::SERVICE_UNAVAILABLE, Some("0"))];
+    let answers: Vec<Scripted> = vec![(StatusCode::SERVICE_UNAVAILABLE, ASKS_FOR_RETRY)];
     let (status, attempts) = against(answers, quick().with_max_retries(2)).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(attempts.len(), 3);
@@ -256,7 +279,7 @@ async fn retries_stop_after_the_maximum() {
 #[tokio::test]
 async fn a_post_without_a_key_is_never_retried() {
     let seen = Arc::new(Seen::default());
-    let addr = serve(payments(&seen, Duration::ZERO), Arc::clone(&seen), 1).await;
+    let addr = serve(payments(&seen, None), Arc::clone(&seen), 1).await;
     let transport: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
     let unkeyed = ServiceBuilder::new()
@@ -270,7 +293,7 @@ async fn a_post_without_a_key_is_never_retried() {
 #[tokio::test]
 async fn a_key_the_caller_set_is_kept() {
     let seen = Arc::new(Seen::default());
-    let addr = serve(payments(&seen, Duration::ZERO), Arc::clone(&seen), 0).await;
+    let addr = serve(payments(&seen, None), Arc::clone(&seen), 0).await;
     let mut request = payment(addr);
     request
         .headers_mut()
@@ -282,7 +305,7 @@ async fn a_key_the_caller_set_is_kept() {
 #[tokio::test]
 async fn each_new_request_gets_a_new_key_and_reads_get_none() {
     let seen = Arc::new(Seen::default());
-    let addr = serve(payments(&seen, Duration::ZERO), Arc::clone(&seen), 0).await;
+    let addr = serve(payments(&seen, None), Arc::clone(&seen), 0).await;
     let client = client(quick());
     client.clone().oneshot(payment(addr)).await.unwrap();
     client.clone().oneshot(payment(addr)).await.unwrap();
@@ -367,4 +390,17 @@ async fn a_tonic_channel_gets_a_key_on_every_call() {
     assert_eq!(sent.len(), 2);
     assert!(sent.iter().all(Option::is_some));
     assert_ne!(sent[0], sent[1]);
+}
+
+#[tokio::test]
+async fn a_handlers_own_503_is_not_retried() {
+    // A Retry-After but no problem document: the handler's answer, which
+    // the layer does not keep, so a retry would run the handler again.
+    let answers: Vec<Scripted> = vec![
+        (StatusCode::SERVICE_UNAVAILABLE, &[("retry-after", "0")][..]),
+        (StatusCode::CREATED, &[]),
+    ];
+    let (status, attempts) = against(answers, quick()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(attempts.len(), 1);
 }

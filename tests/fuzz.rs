@@ -8,6 +8,9 @@
 //! `FUZZ_CASES` (default 200000 per target) and `FUZZ_SEED` make a longer
 //! or another run; `FUZZ_SAVE=1` appends each input whose outcome no
 //! earlier input had to the corpus file. `scripts/fuzz` does all three.
+//!
+//! Every quoted value is also read by the `sfv` crate, whichever reader
+//! the crate was built with: both must name the same key or refuse it.
 
 use std::{collections::BTreeSet, fs, path::PathBuf};
 
@@ -80,6 +83,10 @@ fn load(target: &str) -> Vec<Vec<u8>> {
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
         .map(|line| {
+            assert!(
+                line.len() % 2 == 0 && line.bytes().all(|b| b.is_ascii_hexdigit()),
+                "{target} corpus: not an even run of hex digits: {line:?}"
+            );
             (0..line.len())
                 .step_by(2)
                 .map(|i| u8::from_str_radix(&line[i..i + 2], 16).expect("hex"))
@@ -106,6 +113,9 @@ fn fuzz(target: &str, check: impl Fn(&[u8]) -> String) {
         if outcomes.insert(check(&input)) && save {
             let hex: String = input.iter().map(|b| format!("{b:02x}")).collect();
             let mut text = fs::read_to_string(corpus_path(target)).unwrap();
+            if !text.ends_with('\n') {
+                text.push('\n');
+            }
             text.push_str(&hex);
             text.push('\n');
             fs::write(corpus_path(target), text).unwrap();
@@ -126,12 +136,20 @@ fn parse(value: &[u8]) -> Result<Option<String>, KeyError> {
 }
 
 /// What any header value must give: a key of 1 to 255 visible ASCII
-/// characters that reads the same bare and quoted, or a refusal.
+/// characters that reads the same bare and quoted, or a refusal; and for a
+/// quoted value, the key `sfv` reads from it.
 fn check_key_header(value: &[u8]) -> String {
     if HeaderValue::from_bytes(value).is_err() {
         return "not a header value".to_owned();
     }
-    match parse(value) {
+    let quoted_form = value.trim_ascii().starts_with(b"\"");
+    let parsed = parse(value);
+    if quoted_form {
+        let by_sfv = key_by_sfv(value);
+        let ours = parsed.clone().ok().flatten();
+        assert_eq!(ours, by_sfv, "{:?}", String::from_utf8_lossy(value));
+    }
+    match parsed {
         Ok(Some(key)) => {
             assert!(
                 !key.is_empty() && key.len() <= MAX_KEY_LEN,
@@ -149,15 +167,30 @@ fn check_key_header(value: &[u8]) -> String {
                 Ok(Some(key.clone())),
                 "quoted {key:?}"
             );
-            let form = if value.trim_ascii().starts_with(b"\"") {
-                "quoted"
-            } else {
-                "bare"
-            };
-            format!("ok {form}")
+            format!("ok {}", if quoted_form { "quoted" } else { "bare" })
         }
         Ok(None) => unreachable!("the header is present"),
         Err(err) => format!("{err:?}"),
+    }
+}
+
+/// The key a quoted value names by `sfv`'s reading of RFC 9651 and the
+/// key's own rules, whichever reader the crate was built with.
+fn key_by_sfv(value: &[u8]) -> Option<String> {
+    let trimmed = value.trim_ascii();
+    if !trimmed.iter().all(|b| (0x20..=0x7e).contains(b)) {
+        return None;
+    }
+    let item: sfv::Item = sfv::Parser::new(trimmed).parse().ok()?;
+    match item.bare_item {
+        sfv::BareItem::String(key) if item.params.is_empty() => {
+            let key: String = key.into();
+            let valid = !key.is_empty()
+                && key.len() <= MAX_KEY_LEN
+                && key.bytes().all(|b| b.is_ascii_graphic());
+            valid.then_some(key)
+        }
+        _ => None,
     }
 }
 
@@ -167,7 +200,7 @@ fn the_key_header_parser_keeps_its_invariants() {
 }
 
 /// Each of these gives the same answer with and without the `sfv` feature
-/// (the test runs in both builds), and the same as before `sfv` was used.
+/// (the test runs in both builds).
 #[test]
 fn both_readers_of_the_quoted_form_agree_on_these() {
     type Expected = Result<Option<&'static str>, KeyError>;
@@ -242,4 +275,21 @@ fn the_record_corpus_starts_from_records_the_codec_writes() {
     );
     let corpus = load("record");
     assert!(corpus.contains(&record.encode().to_vec()));
+}
+
+#[test]
+fn a_record_naming_more_headers_than_a_map_holds_is_refused() {
+    let names = 40_000u32;
+    let mut bytes = b"TIR1\x00\xc8".to_vec();
+    bytes.extend_from_slice(&names.to_be_bytes());
+    for n in 0..names {
+        let name = format!("h{n}");
+        bytes.extend_from_slice(&(name.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(name.as_bytes());
+        bytes.extend_from_slice(&1u32.to_be_bytes());
+        bytes.push(b'v');
+    }
+    bytes.push(0);
+    bytes.extend_from_slice(&0u64.to_be_bytes());
+    assert_eq!(check_record(&bytes), "too many headers");
 }

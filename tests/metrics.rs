@@ -205,3 +205,28 @@ fn describe_gives_each_metric_its_unit_and_help() {
         ])
     );
 }
+
+#[test]
+fn a_store_call_dropped_before_it_finished_is_timed_as_cancelled() {
+    let store = Arc::new(Faulty {
+        hang_first_renewal: true,
+        ..Faulty::default()
+    });
+    let snapshot = recorded(|| async {
+        let layer = IdempotencyLayer::with_shared_store(Arc::clone(&store) as _)
+            .with_lease(Duration::from_millis(60));
+        let service = common::app(
+            &layer,
+            Counter::default().handler(Duration::from_millis(200)),
+        );
+        let response = send(&service, post("/pay", Some(KEY), "{}")).await;
+        common::read(response).await;
+    });
+    let timings = timings(snapshot);
+    assert!(
+        timings
+            .get("operation=renew,result=cancelled")
+            .is_some_and(|n| *n >= 1),
+        "{timings:?}"
+    );
+}

@@ -10,9 +10,10 @@
 //! Both work on any Tower HTTP client: hyper-util's `Client`, or a tonic
 //! `Channel` (every gRPC call is a POST, so each gets its own key). The
 //! retry policy clones the request body for each attempt, so it needs a
-//! body that can be cloned, such as `Full<Bytes>`; a tonic body cannot,
-//! and a gRPC caller retries by sending its message again with the key of
-//! the first attempt.
+//! body that can be cloned, such as `Full<Bytes>`; a tonic body cannot.
+//! A gRPC caller that retries sets the key in the call's metadata itself
+//! and sends its message again with it: a key the layer stamps inside the
+//! channel is never seen by the caller.
 //!
 //! ```
 //! use std::time::Duration;

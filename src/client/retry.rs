@@ -18,15 +18,20 @@ use crate::key::IDEMPOTENCY_KEY;
 ///   off): the request may or may not have run, and the key makes the retry
 ///   safe either way. A backoff with full jitter comes first.
 /// - the server answered 409 with `Retry-After` (`request-in-flight`: the
-///   first attempt is still running) or 503 with `Retry-After`
-///   (`store-unavailable`): after the time it asks for, at most
+///   first attempt is still running), or 503 with `Retry-After` and a
+///   problem document (`store-unavailable`: the request did not run):
+///   after the time it asks for, at least the backoff and at most
 ///   [`with_max_delay`](Self::with_max_delay).
 ///
 /// It never retries anything else: not 422 (`key-reused`, a new request
 /// needs a new key), not 409 without `Retry-After`
 /// (`response-not-replayable`, the request ran), not 429 (`too-many-keys`,
-/// which lasts until the client's earlier keys expire), and not a
-/// non-idempotent request without a key.
+/// which lasts until the client's earlier keys expire), not a handler's
+/// own 503 (which the layer does not keep, so a retry would run the
+/// handler again), and not a non-idempotent request without a key.
+///
+/// A key makes a retry safe only where the server runs the idempotency
+/// layer on that route and method: stamp keys on those requests only.
 ///
 /// The request body must be `Clone` (`Full<Bytes>`, `String`), as for any
 /// retry.
@@ -69,9 +74,9 @@ impl RetryPolicy {
         self
     }
 
-    /// The longest wait, whatever `Retry-After` asks for.
+    /// The longest wait, whatever `Retry-After` asks for; at most a day.
     pub fn with_max_delay(mut self, max_delay: Duration) -> Self {
-        self.max_delay = max_delay;
+        self.max_delay = max_delay.min(crate::IdempotencyLayer::MAX_DELAY);
         self
     }
 
@@ -80,8 +85,10 @@ impl RetryPolicy {
             .backoff
             .saturating_mul(1 << self.attempt.min(16))
             .min(self.max_delay);
-        let unit = (uuid::Uuid::new_v4().as_u128() as u64) as f64 / u64::MAX as f64;
-        bound.mul_f64(unit)
+        // 53 random bits (a v4 UUID fixes a few of the others) make a
+        // fraction in [0, 1) that a double holds exactly.
+        let bits = uuid::Uuid::new_v4().as_u128() as u64 & ((1 << 53) - 1);
+        bound.mul_f64(bits as f64 / (1u64 << 53) as f64)
     }
 }
 
@@ -101,15 +108,18 @@ where
         }
         let delay = match result {
             Err(_) => self.backoff_delay(),
-            Ok(response) => match response.status() {
-                StatusCode::CONFLICT | StatusCode::SERVICE_UNAVAILABLE => {
-                    retry_after(response.headers())?.min(self.max_delay)
-                }
-                _ => return None,
-            },
+            Ok(response) => {
+                let headers = response.headers();
+                let asked = match response.status() {
+                    StatusCode::CONFLICT => retry_after(headers)?,
+                    StatusCode::SERVICE_UNAVAILABLE if is_problem(headers) => retry_after(headers)?,
+                    _ => return None,
+                };
+                asked.max(self.backoff).min(self.max_delay)
+            }
         };
         self.retries_left -= 1;
-        self.attempt += 1;
+        self.attempt = self.attempt.saturating_add(1);
         Some(tokio::time::sleep(delay))
     }
 
@@ -134,6 +144,12 @@ fn safe_to_repeat<B>(request: &Request<B>) -> bool {
         *request.method(),
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
     ) || request.headers().contains_key(&IDEMPOTENCY_KEY)
+}
+
+fn is_problem(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"))
 }
 
 /// `Retry-After` in seconds; an HTTP-date is not what the layer sends, and

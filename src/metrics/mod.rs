@@ -11,7 +11,7 @@
 //! | name | type | labels | what |
 //! |---|---|---|---|
 //! | `idempotency_requests_total` | counter | `outcome`: [`Decision::as_str`] | requests the layer decided |
-//! | `idempotency_store_call_duration_seconds` | histogram | `operation`: `begin`, `complete`, `release`, `fence`, `renew`; `result`: `ok`, `error` | how long each store call took |
+//! | `idempotency_store_call_duration_seconds` | histogram | `operation`: `begin`, `complete`, `release`, `fence`, `renew`; `result`: `ok`, `error`, `cancelled` (dropped before it finished, such as a renewal past its timeout) | how long each store call took |
 //!
 //! The histogram times the calls the layer makes, and [`Execution::fence`](crate::Execution::fence);
 //! a fence the handler runs in its own transaction (`PostgresStore::fence_in`)

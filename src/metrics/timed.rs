@@ -1,6 +1,7 @@
 //! A store that reports how long each call to the store it wraps took.
 
 use std::{
+    fmt,
     future::Future,
     sync::Arc,
     time::{Duration, Instant},
@@ -16,9 +17,16 @@ use crate::{
 
 /// Wraps the layer's store when the `metrics` feature is on, so that every
 /// call the layer makes is timed in one place.
-#[derive(Debug)]
 pub(crate) struct TimedStore {
     inner: Arc<dyn Store>,
+}
+
+/// The wrapped store, as the user gave it: logs and `Debug` output name
+/// the user's store, not this wrapper.
+impl fmt::Debug for TimedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner.fmt(f)
+    }
 }
 
 impl TimedStore {
@@ -27,15 +35,37 @@ impl TimedStore {
     }
 }
 
+/// One call's timing. A call dropped before it finished (a renewal past
+/// its timeout, a `begin` whose client went away) is recorded when it is
+/// dropped, as `cancelled`: those are the slow calls worth seeing.
+struct Timing {
+    operation: &'static str,
+    started: Instant,
+    result: &'static str,
+}
+
+impl Drop for Timing {
+    fn drop(&mut self) {
+        ::metrics::histogram!(
+            STORE_CALL_DURATION,
+            "operation" => self.operation,
+            "result" => self.result,
+        )
+        .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
 async fn timed<T>(
     operation: &'static str,
     call: impl Future<Output = Result<T, StoreError>>,
 ) -> Result<T, StoreError> {
-    let started = Instant::now();
+    let mut timing = Timing {
+        operation,
+        started: Instant::now(),
+        result: "cancelled",
+    };
     let result = call.await;
-    let outcome = if result.is_ok() { "ok" } else { "error" };
-    ::metrics::histogram!(STORE_CALL_DURATION, "operation" => operation, "result" => outcome)
-        .record(started.elapsed().as_secs_f64());
+    timing.result = if result.is_ok() { "ok" } else { "error" };
     result
 }
 

@@ -204,7 +204,9 @@ fn take_map(bytes: &mut Bytes) -> Result<HeaderMap, DecodeError> {
         let name = HeaderName::from_bytes(&name).map_err(|_| DecodeError("invalid header name"))?;
         let value = HeaderValue::from_maybe_shared(value)
             .map_err(|_| DecodeError("invalid header value"))?;
-        map.append(name, value);
+        // A forged record may name more headers than a map can hold.
+        map.try_append(name, value)
+            .map_err(|_| DecodeError("too many headers"))?;
     }
     Ok(map)
 }
