@@ -255,15 +255,36 @@ mod real {
             .unwrap();
     }
 
-    fn time<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, mut f: F) -> Duration
+    /// How many calls a concurrent row keeps in flight, as a server's
+    /// concurrent requests would.
+    const IN_FLIGHT: usize = 16;
+
+    /// Runs `iters` calls of `f`, `in_flight` of them at a time.
+    fn time<F, Fut>(
+        rt: &tokio::runtime::Runtime,
+        iters: u64,
+        in_flight: usize,
+        mut f: F,
+    ) -> Duration
     where
         F: FnMut(u64) -> Fut,
-        Fut: std::future::Future<Output = ()>,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
     {
         rt.block_on(async {
             let start = Instant::now();
+            let mut running = tokio::task::JoinSet::new();
             for i in 0..iters {
-                f(i).await;
+                if running.len() >= in_flight {
+                    running
+                        .join_next()
+                        .await
+                        .expect("a call")
+                        .expect("no panic");
+                }
+                running.spawn(f(i));
+            }
+            while let Some(done) = running.join_next().await {
+                done.expect("no panic");
             }
             start.elapsed()
         })
@@ -307,148 +328,154 @@ mod real {
         let fresh = AtomicU64::new(0);
         let fresh = &fresh;
 
-        let mut group = c.benchmark_group("stores");
-        group.throughput(Throughput::Elements(1));
-        group.sample_size(20);
+        for in_flight in [1, IN_FLIGHT] {
+            let mut group = c.benchmark_group(if in_flight == 1 {
+                "stores".to_owned()
+            } else {
+                format!("stores_{in_flight}_in_flight")
+            });
+            group.throughput(Throughput::Elements(1));
+            group.sample_size(20);
 
-        group.bench_function("redis/first_use", |b| {
-            b.iter_custom(|n| {
-                time(&rt, n, |_| {
-                    let (store, encoded) = (redis_store.clone(), encoded.clone());
-                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                    async move { first_use(&store, &k, encoded).await }
-                })
-            })
-        });
-        group.bench_function("redis/raw_set_nx_then_set", |b| {
-            b.iter_custom(|n| {
-                time(&rt, n, |_| {
-                    let (mut conn, encoded) = (raw_redis.clone(), encoded.clone());
-                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                    async move { raw_first_use(&mut conn, &k, &encoded).await }
-                })
-            })
-        });
-        let hot = key(u64::MAX);
-        rt.block_on(async {
-            // Left from an earlier run, the hot key is already completed.
-            for store in [&redis_store as &dyn Store, &pg_store] {
-                if let Ok(BeginOutcome::Acquired(token)) = store.begin(&hot, &FP, LEASE).await {
-                    store.complete(&hot, token, Completion::Response(encoded.clone()), TTL).await.unwrap();
-                }
-            }
-            let mut conn = raw_redis.clone();
-            let _: () = redis::cmd("SET").arg("bench-raw:hot").arg(&encoded[..]).query_async(&mut conn).await.unwrap();
-            sqlx::query("INSERT INTO bench_raw VALUES ($1, 1, $2, now() + interval '1 hour') ON CONFLICT DO NOTHING")
-                .bind(&hot.as_bytes()[..])
-                .bind(&encoded[..])
-                .execute(&pool)
-                .await
-                .unwrap();
-        });
-        group.bench_function("redis/replay", |b| {
-            b.iter_custom(|n| {
-                time(&rt, n, |_| {
-                    let store = redis_store.clone();
-                    async move { replay(&store, &hot).await }
-                })
-            })
-        });
-        group.bench_function("redis/raw_get", |b| {
-            b.iter_custom(|n| {
-                time(&rt, n, |_| {
-                    let mut conn = raw_redis.clone();
-                    async move { raw_get(&mut conn).await }
-                })
-            })
-        });
-        group.bench_function("postgres/first_use", |b| {
-            b.iter_custom(|n| {
-                time(&rt, n, |_| {
-                    let (store, encoded) = (pg_store.clone(), encoded.clone());
-                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                    async move { first_use(&store, &k, encoded).await }
-                })
-            })
-        });
-        group.bench_function("postgres/raw_insert_then_update", |b| {
-            b.iter_custom(|n| {
-                time(&rt, n, |_| {
-                    let (pool, encoded) = (pool.clone(), encoded.clone());
-                    async move {
-                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                        sqlx::query("INSERT INTO bench_raw (key, state, expires_at) VALUES ($1, 0, now() + interval '1 minute') ON CONFLICT DO NOTHING")
-                            .bind(&k.as_bytes()[..])
-                            .execute(&pool)
-                            .await
-                            .unwrap();
-                        sqlx::query("UPDATE bench_raw SET state = 1, body = $2, expires_at = now() + interval '10 minutes' WHERE key = $1")
-                            .bind(&k.as_bytes()[..])
-                            .bind(&encoded[..])
-                            .execute(&pool)
-                            .await
-                            .unwrap();
-                    }
-                })
-            })
-        });
-        // A first use whose handler commits an effect, through the whole
-        // layer: the fence is one more statement in the handler's
-        // transaction.
-        for (name, fenced) in [
-            ("postgres/effect_unfenced", false),
-            ("postgres/effect_fenced", true),
-        ] {
-            let svc = IdempotencyLayer::new(pg_store.clone()).layer(effect_handler(
-                pool.clone(),
-                pg_store.clone(),
-                fenced,
-            ));
-            let body = Bytes::from_static(b"{\"amount\":1}");
-            group.bench_function(name, |b| {
+            group.bench_function("redis/first_use", |b| {
                 b.iter_custom(|n| {
-                    time(&rt, n, |_| {
-                        let svc = svc.clone();
-                        let k = key(fresh.fetch_add(1, Ordering::Relaxed)).to_hex();
-                        let request = request(Some(&k), &body);
+                    time(&rt, n, in_flight, |_| {
+                        let (store, encoded) = (redis_store.clone(), encoded.clone());
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                        async move { first_use(&store, &k, encoded).await }
+                    })
+                })
+            });
+            group.bench_function("redis/raw_set_nx_then_set", |b| {
+                b.iter_custom(|n| {
+                    time(&rt, n, in_flight, |_| {
+                        let (mut conn, encoded) = (raw_redis.clone(), encoded.clone());
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                        async move { raw_first_use(&mut conn, &k, &encoded).await }
+                    })
+                })
+            });
+            let hot = key(u64::MAX);
+            rt.block_on(async {
+                // Left from an earlier run, the hot key is already completed.
+                for store in [&redis_store as &dyn Store, &pg_store] {
+                    if let Ok(BeginOutcome::Acquired(token)) = store.begin(&hot, &FP, LEASE).await {
+                        store.complete(&hot, token, Completion::Response(encoded.clone()), TTL).await.unwrap();
+                    }
+                }
+                let mut conn = raw_redis.clone();
+                let _: () = redis::cmd("SET").arg("bench-raw:hot").arg(&encoded[..]).query_async(&mut conn).await.unwrap();
+                sqlx::query("INSERT INTO bench_raw VALUES ($1, 1, $2, now() + interval '1 hour') ON CONFLICT DO NOTHING")
+                    .bind(&hot.as_bytes()[..])
+                    .bind(&encoded[..])
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            });
+            group.bench_function("redis/replay", |b| {
+                b.iter_custom(|n| {
+                    time(&rt, n, in_flight, |_| {
+                        let store = redis_store.clone();
+                        async move { replay(&store, &hot).await }
+                    })
+                })
+            });
+            group.bench_function("redis/raw_get", |b| {
+                b.iter_custom(|n| {
+                    time(&rt, n, in_flight, |_| {
+                        let mut conn = raw_redis.clone();
+                        async move { raw_get(&mut conn).await }
+                    })
+                })
+            });
+            group.bench_function("postgres/first_use", |b| {
+                b.iter_custom(|n| {
+                    time(&rt, n, in_flight, |_| {
+                        let (store, encoded) = (pg_store.clone(), encoded.clone());
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                        async move { first_use(&store, &k, encoded).await }
+                    })
+                })
+            });
+            group.bench_function("postgres/raw_insert_then_update", |b| {
+                b.iter_custom(|n| {
+                    time(&rt, n, in_flight, |_| {
+                        let (pool, encoded) = (pool.clone(), encoded.clone());
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                         async move {
-                            let response = svc.oneshot(request).await.unwrap();
-                            // A first use that ran its effect, not a refusal.
-                            assert_eq!(response.status(), http::StatusCode::CREATED);
-                            drain(response).await;
+                            sqlx::query("INSERT INTO bench_raw (key, state, expires_at) VALUES ($1, 0, now() + interval '1 minute') ON CONFLICT DO NOTHING")
+                                .bind(&k.as_bytes()[..])
+                                .execute(&pool)
+                                .await
+                                .unwrap();
+                            sqlx::query("UPDATE bench_raw SET state = 1, body = $2, expires_at = now() + interval '10 minutes' WHERE key = $1")
+                                .bind(&k.as_bytes()[..])
+                                .bind(&encoded[..])
+                                .execute(&pool)
+                                .await
+                                .unwrap();
                         }
                     })
                 })
             });
-        }
-        group.bench_function("postgres/replay", |b| {
-            b.iter_custom(|n| {
-                time(&rt, n, |_| {
-                    let store = pg_store.clone();
-                    async move { replay(&store, &hot).await }
+            // A first use whose handler commits an effect, through the whole
+            // layer: the fence is one more statement in the handler's
+            // transaction.
+            for (name, fenced) in [
+                ("postgres/effect_unfenced", false),
+                ("postgres/effect_fenced", true),
+            ] {
+                let svc = IdempotencyLayer::new(pg_store.clone()).layer(effect_handler(
+                    pool.clone(),
+                    pg_store.clone(),
+                    fenced,
+                ));
+                let body = Bytes::from_static(b"{\"amount\":1}");
+                group.bench_function(name, |b| {
+                    b.iter_custom(|n| {
+                        time(&rt, n, in_flight, |_| {
+                            let svc = svc.clone();
+                            let k = key(fresh.fetch_add(1, Ordering::Relaxed)).to_hex();
+                            let request = request(Some(&k), &body);
+                            async move {
+                                let response = svc.oneshot(request).await.unwrap();
+                                // A first use that ran its effect, not a refusal.
+                                assert_eq!(response.status(), http::StatusCode::CREATED);
+                                drain(response).await;
+                            }
+                        })
+                    })
+                });
+            }
+            group.bench_function("postgres/replay", |b| {
+                b.iter_custom(|n| {
+                    time(&rt, n, in_flight, |_| {
+                        let store = pg_store.clone();
+                        async move { replay(&store, &hot).await }
+                    })
                 })
-            })
-        });
-        group.bench_function("postgres/raw_select", |b| {
-            b.iter_custom(|n| {
-                time(&rt, n, |_| {
-                    let pool = pool.clone();
-                    async move {
-                        let _: (Vec<u8>,) = sqlx::query_as(
-                            "SELECT body FROM bench_raw WHERE key = $1 AND expires_at > now()",
-                        )
-                        .bind(&hot.as_bytes()[..])
-                        .fetch_one(&pool)
-                        .await
-                        .unwrap();
-                    }
+            });
+            group.bench_function("postgres/raw_select", |b| {
+                b.iter_custom(|n| {
+                    time(&rt, n, in_flight, |_| {
+                        let pool = pool.clone();
+                        async move {
+                            let _: (Vec<u8>,) = sqlx::query_as(
+                                "SELECT body FROM bench_raw WHERE key = $1 AND expires_at > now()",
+                            )
+                            .bind(&hot.as_bytes()[..])
+                            .fetch_one(&pool)
+                            .await
+                            .unwrap();
+                        }
+                    })
                 })
-            })
-        });
-        if let Ok(nodes) = std::env::var("TEST_REDIS_CLUSTER_URLS") {
-            cluster(&mut group, &rt, &nodes, &encoded, &key, fresh);
+            });
+            if let Ok(nodes) = std::env::var("TEST_REDIS_CLUSTER_URLS") {
+                cluster(&mut group, &rt, in_flight, &nodes, &encoded, &key, fresh);
+            }
+            group.finish();
         }
-        group.finish();
     }
 
     /// The same steps on a Redis Cluster, against redis-rs's raw cluster
@@ -457,6 +484,7 @@ mod real {
     fn cluster(
         group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
         rt: &tokio::runtime::Runtime,
+        in_flight: usize,
         nodes: &str,
         encoded: &Bytes,
         key: &dyn Fn(u64) -> RecordKey,
@@ -482,7 +510,7 @@ mod real {
         ] {
             group.bench_function(name, |b| {
                 b.iter_custom(|n| {
-                    time(rt, n, |_| {
+                    time(rt, n, in_flight, |_| {
                         let (store, encoded) = (store.clone(), encoded.clone());
                         let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                         async move { first_use(&store, &k, encoded).await }
@@ -492,7 +520,7 @@ mod real {
         }
         group.bench_function("redis_cluster/raw_set_nx_then_set", |b| {
             b.iter_custom(|n| {
-                time(rt, n, |_| {
+                time(rt, n, in_flight, |_| {
                     let (mut conn, encoded) = (raw.clone(), encoded.clone());
                     let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                     async move { raw_first_use(&mut conn, &k, &encoded).await }
@@ -517,7 +545,7 @@ mod real {
         });
         group.bench_function("redis_cluster/replay", |b| {
             b.iter_custom(|n| {
-                time(rt, n, |_| {
+                time(rt, n, in_flight, |_| {
                     let store = store.clone();
                     async move { replay(&store, &hot).await }
                 })
@@ -525,7 +553,7 @@ mod real {
         });
         group.bench_function("redis_cluster/raw_get", |b| {
             b.iter_custom(|n| {
-                time(rt, n, |_| {
+                time(rt, n, in_flight, |_| {
                     let mut conn = raw.clone();
                     async move { raw_get(&mut conn).await }
                 })

@@ -54,16 +54,26 @@ pub(super) struct Statements {
 impl Statements {
     pub(super) fn for_table(t: &str) -> Self {
         Self {
-            // Takes the key over if its row expired, or if it is fenced
-            // and its lease ran out (a recovery, same fingerprint only).
-            // A fence holds the row's lock until its transaction ends, so
-            // a takeover racing it waits, then sees the mark.
+            // A live row that may not be taken over is only read: a replay
+            // or a conflict takes no row lock and writes nothing. Otherwise
+            // the key is taken if it is free, its row expired, or it is
+            // fenced and its lease ran out (a recovery, same fingerprint
+            // only). A fence holds the row's lock until its transaction
+            // ends, so a takeover racing it waits, then sees the mark.
             begin: format!(
-                "WITH acquired AS (
+                "WITH live AS (
+                    SELECT fingerprint, state,
+                           CASE WHEN fingerprint = $2 THEN response END AS response
+                    FROM {t}
+                    WHERE key = $1 AND expires_at > now()
+                      AND NOT (state = {IN_FLIGHT} AND effect AND lease_until <= now()
+                               AND fingerprint = $2)
+                ), acquired AS (
                     INSERT INTO {t} AS r (key, fingerprint, state, token, lease_until, expires_at)
-                    VALUES ($1, $2, {IN_FLIGHT}, $3,
-                            now() + $4 * interval '1 millisecond',
-                            now() + $4 * interval '1 millisecond')
+                    SELECT $1, $2, {IN_FLIGHT}, $3,
+                           now() + $4 * interval '1 millisecond',
+                           now() + $4 * interval '1 millisecond'
+                    WHERE NOT EXISTS (SELECT 1 FROM live)
                     ON CONFLICT (key) DO UPDATE SET
                         fingerprint = EXCLUDED.fingerprint, state = {IN_FLIGHT},
                         token = EXCLUDED.token, lease_until = EXCLUDED.lease_until,
@@ -81,10 +91,7 @@ impl Statements {
                        NULL::smallint AS state, NULL::bytea AS response
                 FROM acquired
                 UNION ALL
-                SELECT FALSE, FALSE, fingerprint, state,
-                       CASE WHEN fingerprint = $2 THEN response END
-                FROM {t}
-                WHERE key = $1 AND expires_at > now() AND NOT EXISTS (SELECT 1 FROM acquired)"
+                SELECT FALSE, FALSE, fingerprint, state, response FROM live"
             ),
             complete: format!(
                 "UPDATE {t} SET state = $3, response = $4,

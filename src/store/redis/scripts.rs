@@ -9,14 +9,15 @@
 /// next request recovers it instead of running again.
 pub(super) const BEGIN: &str = r"
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 's', 'f', 'e', 'l')
+-- Every field at once: a replay is this one read.
+local rec = redis.call('HMGET', k, 's', 'f', 'e', 'l', 't', 'r')
 if not rec[1] then
   redis.call('HSET', k, 'f', ARGV[1], 's', 'i', 't', ARGV[2])
   redis.call('PEXPIRE', k, ARGV[3])
   return {'acquired', ''}
 end
 if rec[2] ~= ARGV[1] then return {'mismatch', ''} end
-if rec[1] == 'i' and redis.call('HGET', k, 't') == ARGV[2] then
+if rec[1] == 'i' and rec[5] == ARGV[2] then
   -- This very call, sent again by a client retry: it took the key.
   if rec[3] == '1' then return {'recover', ''} end
   return {'acquired', ''}
@@ -31,7 +32,7 @@ if rec[1] == 'i' then
   return {'recover', ''}
 end
 if rec[1] == 'n' then return {'not_replayable', ''} end
-return {'completed', redis.call('HGET', k, 'r')}
+return {'completed', rec[6]}
 ";
 
 pub(super) const COMPLETE: &str = r"
