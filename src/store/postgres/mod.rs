@@ -240,8 +240,10 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<BeginOutcome, StoreError> {
         let token = LockToken::random();
-        // A row committed by a racing insert after this statement's snapshot
-        // blocks the insert yet is invisible to the select; the next attempt
+        // No row comes back when the statement's snapshot and its conflict
+        // check disagree: a row committed by a racing insert after the
+        // snapshot, or one that looked expired or recoverable but was taken
+        // over, completed or fenced before the check. The next attempt
         // sees it.
         for _ in 0..3 {
             let row = sqlx::query(&self.sql.begin)
