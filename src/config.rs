@@ -11,6 +11,11 @@ use crate::{
     store::Store,
 };
 
+/// The methods a layer covers unless told otherwise, and so the ones its
+/// docs and the client layer cover by default: those that are not
+/// idempotent by definition and that APIs protect with a key.
+pub(crate) const DEFAULT_METHODS: [Method; 2] = [Method::POST, Method::PATCH];
+
 type ScopeFn = Arc<dyn Fn(&request::Parts) -> Option<Vec<u8>> + Send + Sync>;
 
 /// What an [`IdempotencyLayer`](crate::IdempotencyLayer) was built with.

@@ -4,7 +4,7 @@ use http::{header, request, HeaderName, Method};
 use tower_layer::Layer;
 
 use crate::{
-    config::Config,
+    config::{Config, DEFAULT_METHODS},
     fingerprint::BodyFingerprint,
     key::ScopeSecret,
     keyed::shared::Shared,
@@ -82,7 +82,7 @@ impl IdempotencyLayer {
         Self {
             config: Config {
                 store,
-                methods: vec![Method::POST, Method::PATCH],
+                methods: DEFAULT_METHODS.to_vec(),
                 key_required: false,
                 body_limit: 1024 * 1024,
                 body_timeout: Duration::from_secs(30),

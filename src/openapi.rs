@@ -44,7 +44,7 @@
 
 use std::collections::btree_map::Entry;
 
-use http::{HeaderName, Method};
+use http::{header, HeaderName, Method};
 use serde_json::json;
 use utoipa::{
     openapi::{
@@ -57,7 +57,11 @@ use utoipa::{
     Modify,
 };
 
-use crate::key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED};
+use crate::{
+    config::DEFAULT_METHODS,
+    key::{IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED},
+    problem::PROBLEM_JSON,
+};
 
 const KEY_RULES: &str = "A key of the client's choosing, unique per operation (a UUID, say), \
     1 to 255 visible ASCII characters, sent bare or as a structured-field string (\"...\"). \
@@ -121,7 +125,7 @@ pub struct IdempotencyDocs {
 impl Default for IdempotencyDocs {
     fn default() -> Self {
         Self {
-            methods: vec![Method::POST, Method::PATCH],
+            methods: DEFAULT_METHODS.to_vec(),
             key_required: false,
             expiry_header: None,
         }
@@ -164,17 +168,17 @@ impl IdempotencyDocs {
         // are (and may be here from an earlier call).
         for (status, response) in responses.iter_mut() {
             if let RefOr::T(response) = response {
-                if self
-                    .problem(status)
-                    .is_none_or(|(ours, _)| response.description != ours)
-                {
+                let ours = PROBLEMS
+                    .iter()
+                    .find(|(s, ..)| s == status)
+                    .map(|(s, text, _)| self.description(s, text));
+                if ours.is_none_or(|ours| response.description != ours) {
                     self.add_response_headers(response);
                 }
             }
         }
-        for (status, ..) in PROBLEMS {
-            let (description, retry_after) = self.problem(status).expect("one of the layer's");
-            let ours = problem_response(&description, retry_after);
+        for (status, text, retry_after) in PROBLEMS {
+            let ours = problem_response(&self.description(status, text), retry_after);
             match responses.entry(status.to_owned()) {
                 Entry::Vacant(entry) => {
                     entry.insert(RefOr::T(ours));
@@ -188,19 +192,15 @@ impl IdempotencyDocs {
         }
     }
 
-    /// What the layer means by `status`, and whether it sends
-    /// `Retry-After` with it.
-    fn problem(&self, status: &str) -> Option<(String, bool)> {
-        let (_, description, retry_after) = PROBLEMS.iter().find(|(s, ..)| *s == status)?;
-        let description = match status {
+    /// What the layer means by `status` (one of [`PROBLEMS`], whose text
+    /// is `text`) under these settings.
+    fn description(&self, status: &str, text: &str) -> String {
+        match status {
             "400" if self.key_required => {
-                format!(
-                    "{description} A request without the header is refused too (`missing-key`)."
-                )
+                format!("{text} A request without the header is refused too (`missing-key`).")
             }
-            _ => (*description).to_owned(),
-        };
-        Some((description, *retry_after))
+            _ => text.to_owned(),
+        }
     }
 
     fn key_parameter(&self) -> Parameter {
@@ -208,7 +208,7 @@ impl IdempotencyDocs {
             .schema_type(Type::String)
             .min_length(Some(1));
         ParameterBuilder::new()
-            .name("Idempotency-Key")
+            .name(header_title(&IDEMPOTENCY_KEY))
             .parameter_in(ParameterIn::Header)
             .required(if self.key_required {
                 Required::True
@@ -287,7 +287,7 @@ fn merge(theirs: &mut Response, ours: Response) {
 
 fn problem_response(description: &str, retry_after: bool) -> Response {
     let mut response = ResponseBuilder::new().description(description).content(
-        "application/problem+json",
+        PROBLEM_JSON.to_str().expect("an ASCII media type"),
         ContentBuilder::new().schema(Some(problem_schema())).build(),
     );
     if retry_after {
@@ -295,7 +295,7 @@ fn problem_response(description: &str, retry_after: bool) -> Response {
             .schema_type(Type::Integer)
             .minimum(Some(0));
         response = response.header(
-            "Retry-After",
+            header_title(&header::RETRY_AFTER),
             described(Header::new(seconds), "Seconds to wait before retrying."),
         );
     }

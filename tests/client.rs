@@ -140,16 +140,19 @@ fn scripted(answers: Vec<Scripted>) -> App {
     }))
 }
 
+/// hyper-util's client, as the layers under test wrap it.
+fn transport() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
 fn client(
     policy: RetryPolicy,
 ) -> BoxCloneService<Request<Full<Bytes>>, Response<Incoming>, BoxError> {
-    let transport: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
     BoxCloneService::new(
         ServiceBuilder::new()
             .layer(SetIdempotencyKeyLayer::new())
             .layer(RetryLayer::new(policy))
-            .service(transport)
+            .service(transport())
             .map_err(BoxError::from),
     )
 }
@@ -280,11 +283,9 @@ async fn retries_stop_after_the_maximum() {
 async fn a_post_without_a_key_is_never_retried() {
     let seen = Arc::new(Seen::default());
     let addr = serve(payments(&seen, None), Arc::clone(&seen), 1).await;
-    let transport: Client<HttpConnector, Full<Bytes>> =
-        Client::builder(TokioExecutor::new()).build_http();
     let unkeyed = ServiceBuilder::new()
         .layer(RetryLayer::new(quick()))
-        .service(transport);
+        .service(transport());
 
     assert!(unkeyed.oneshot(payment(addr)).await.is_err());
     assert_eq!(seen.keys(), vec![None]);

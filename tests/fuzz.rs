@@ -12,7 +12,11 @@
 //! Every quoted value is also read by the `sfv` crate, whichever reader
 //! the crate was built with: both must name the same key or refuse it.
 
+mod common;
+
 use std::{collections::BTreeSet, fs, path::PathBuf};
+
+use common::{key_header, quoted_key};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
@@ -124,15 +128,8 @@ fn fuzz(target: &str, check: impl Fn(&[u8]) -> String) {
     }
 }
 
-/// The quoted form of `key`, as a client would write it.
-fn quoted(key: &str) -> String {
-    format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 fn parse(value: &[u8]) -> Result<Option<String>, KeyError> {
-    let mut headers = HeaderMap::new();
-    headers.insert("idempotency-key", HeaderValue::from_bytes(value).unwrap());
-    parse_key(&headers)
+    parse_key(&key_header(value).expect("a header value"))
 }
 
 /// What any header value must give: a key of 1 to 255 visible ASCII
@@ -163,7 +160,7 @@ fn check_key_header(value: &[u8]) -> String {
                 assert_eq!(parse(key.as_bytes()), Ok(Some(key.clone())), "bare {key:?}");
             }
             assert_eq!(
-                parse(quoted(&key).as_bytes()),
+                parse(quoted_key(&key).as_bytes()),
                 Ok(Some(key.clone())),
                 "quoted {key:?}"
             );
@@ -231,7 +228,7 @@ fn both_readers_of_the_quoted_form_agree_on_these() {
             String::from_utf8_lossy(value)
         );
     }
-    let long = quoted(&"k".repeat(MAX_KEY_LEN + 1));
+    let long = quoted_key(&"k".repeat(MAX_KEY_LEN + 1));
     assert_eq!(parse(long.as_bytes()), Err(KeyError::TooLong));
 }
 

@@ -6,7 +6,7 @@ mod common;
 use std::{collections::HashMap, time::Duration};
 
 use bytes::Bytes;
-use common::{app, Counter};
+use common::{app, key_header, quoted_key, Counter};
 use http::{HeaderMap, HeaderValue, Method, Request, StatusCode};
 use http_body_util::Full;
 use proptest::prelude::*;
@@ -17,23 +17,12 @@ use tower_idempotency::{
     IdempotencyLayer, Store,
 };
 
-fn headers_with(value: &[u8]) -> Option<HeaderMap> {
-    let value = HeaderValue::from_bytes(value).ok()?;
-    let mut headers = HeaderMap::new();
-    headers.insert("idempotency-key", value);
-    Some(headers)
-}
-
-fn quote(key: &str) -> String {
-    format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""))
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(20_000))]
 
     #[test]
     fn any_header_value_parses_or_is_refused_without_panic(value in proptest::collection::vec(any::<u8>(), 0..300)) {
-        if let Some(headers) = headers_with(&value) {
+        if let Some(headers) = key_header(&value) {
             match parse_key(&headers) {
                 Ok(Some(key)) => {
                     prop_assert!(!key.is_empty() && key.len() <= 255);
@@ -54,22 +43,22 @@ proptest! {
         // A leading DQUOTE announces the quoted form, so only other keys
         // can also be sent bare.
         if !key.starts_with('"') {
-            let bare = headers_with(key.as_bytes()).unwrap();
+            let bare = key_header(key.as_bytes()).unwrap();
             prop_assert_eq!(parse_key(&bare), Ok(Some(key.clone())));
         }
-        let quoted = headers_with(quote(&key).as_bytes()).unwrap();
+        let quoted = key_header(quoted_key(&key).as_bytes()).unwrap();
         prop_assert_eq!(parse_key(&quoted), Ok(Some(key)));
     }
 
     #[test]
     fn keys_over_255_characters_are_refused(key in "[!#-~][!-~]{255,400}") {
-        prop_assert_eq!(parse_key(&headers_with(key.as_bytes()).unwrap()), Err(KeyError::TooLong));
+        prop_assert_eq!(parse_key(&key_header(key.as_bytes()).unwrap()), Err(KeyError::TooLong));
     }
 
     #[test]
     fn keys_with_inner_whitespace_are_refused(a in "[!-~]{1,20}", b in "[!-~]{1,20}") {
         let value = format!("{a} {b}");
-        prop_assert!(parse_key(&headers_with(value.as_bytes()).unwrap()).is_err());
+        prop_assert!(parse_key(&key_header(value.as_bytes()).unwrap()).is_err());
     }
 
     #[test]

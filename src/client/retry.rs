@@ -6,7 +6,7 @@ use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use tokio::time::Sleep;
 use tower::retry::Policy;
 
-use crate::key::IDEMPOTENCY_KEY;
+use crate::{key::IDEMPOTENCY_KEY, problem::PROBLEM_JSON};
 
 /// A [`tower::retry::Policy`] for requests protected by an idempotency key.
 ///
@@ -149,7 +149,7 @@ fn safe_to_repeat<B>(request: &Request<B>) -> bool {
 fn is_problem(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/problem+json"))
+        .is_some_and(|value| value.as_bytes().starts_with(PROBLEM_JSON.as_bytes()))
 }
 
 /// `Retry-After` in seconds; an HTTP-date is not what the layer sends, and

@@ -6,7 +6,7 @@ use http::{HeaderValue, Method, Request};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::key::IDEMPOTENCY_KEY;
+use crate::{config::DEFAULT_METHODS, key::IDEMPOTENCY_KEY};
 
 /// Adds [`SetIdempotencyKey`] to a client; see the [module docs](super).
 #[derive(Debug, Clone)]
@@ -18,7 +18,7 @@ pub struct SetIdempotencyKeyLayer {
 impl Default for SetIdempotencyKeyLayer {
     fn default() -> Self {
         Self {
-            methods: vec![Method::POST, Method::PATCH],
+            methods: DEFAULT_METHODS.to_vec(),
         }
     }
 }

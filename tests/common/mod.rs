@@ -138,6 +138,20 @@ impl http_body::Body for Chunks {
     }
 }
 
+/// Headers holding `value` as the `Idempotency-Key`, if it is a valid
+/// header value.
+pub fn key_header(value: &[u8]) -> Option<http::HeaderMap> {
+    let value = http::HeaderValue::from_bytes(value).ok()?;
+    let mut headers = http::HeaderMap::new();
+    headers.insert("idempotency-key", value);
+    Some(headers)
+}
+
+/// The quoted (RFC 9651 string) form of `key`, as a client would write it.
+pub fn quoted_key(key: &str) -> String {
+    format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
 pub fn post(path: &str, key: Option<&str>, body: &str) -> Request<Full<Bytes>> {
     let mut builder = Request::post(path).header("content-type", "application/json");
     if let Some(key) = key {
