@@ -65,6 +65,19 @@ async fn acquire(store: &impl Store, key: &RecordKey, fp: u8, lease: Duration) -
     }
 }
 
+/// Completes `key` with the sample response, as the holder of `token`.
+async fn complete_sample(store: &impl Store, key: &RecordKey, token: LockToken, ttl: Duration) {
+    store
+        .complete(
+            key,
+            token,
+            Completion::Response(sample_response().encode()),
+            ttl,
+        )
+        .await
+        .expect("complete by the holder");
+}
+
 async fn begin(store: &impl Store, key: &RecordKey, fp: u8) -> BeginOutcome {
     store
         .begin(key, &fingerprint(fp), LEASE)
@@ -119,15 +132,7 @@ pub async fn held_key_with_other_fingerprint_is_mismatch(store: &impl Store) {
 pub async fn completed_key_replays_the_stored_response(store: &impl Store) {
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
-    store
-        .complete(
-            &key,
-            token,
-            Completion::Response(sample_response().encode()),
-            TTL,
-        )
-        .await
-        .expect("complete by the holder");
+    complete_sample(store, &key, token, TTL).await;
     match begin(store, &key, 1).await {
         BeginOutcome::Completed(stored) => assert_eq!(stored, sample_response().encode()),
         other => panic!("expected Completed, got {other:?}"),
@@ -153,15 +158,7 @@ pub async fn empty_response_round_trips(store: &impl Store) {
 pub async fn completed_key_with_other_fingerprint_is_mismatch(store: &impl Store) {
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
-    store
-        .complete(
-            &key,
-            token,
-            Completion::Response(sample_response().encode()),
-            TTL,
-        )
-        .await
-        .expect("complete by the holder");
+    complete_sample(store, &key, token, TTL).await;
     assert!(matches!(
         begin(store, &key, 2).await,
         BeginOutcome::Mismatch
@@ -208,15 +205,7 @@ pub async fn foreign_token_is_refused(store: &impl Store) {
 pub async fn completed_key_cannot_be_released(store: &impl Store) {
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
-    store
-        .complete(
-            &key,
-            token,
-            Completion::Response(sample_response().encode()),
-            TTL,
-        )
-        .await
-        .expect("complete by the holder");
+    complete_sample(store, &key, token, TTL).await;
     assert!(matches!(
         store.release(&key, token).await,
         Err(StoreError::LockLost)
@@ -240,15 +229,7 @@ pub async fn expired_lease_is_taken_over_and_fences_the_old_holder(store: &impl 
         begin(store, &key, 1).await,
         BeginOutcome::InFlight
     ));
-    store
-        .complete(
-            &key,
-            new,
-            Completion::Response(sample_response().encode()),
-            TTL,
-        )
-        .await
-        .expect("the new holder completes");
+    complete_sample(store, &key, new, TTL).await;
 }
 
 /// Renewing keeps a lease alive past its first expiry.
@@ -272,15 +253,7 @@ pub async fn renewed_lease_outlives_its_first_expiry(store: &impl Store) {
 pub async fn completed_key_expires_after_its_ttl(store: &impl Store) {
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
-    store
-        .complete(
-            &key,
-            token,
-            Completion::Response(sample_response().encode()),
-            SHORT,
-        )
-        .await
-        .expect("complete by the holder");
+    complete_sample(store, &key, token, SHORT).await;
     assert!(matches!(
         begin(store, &key, 1).await,
         BeginOutcome::Completed(_)
@@ -343,15 +316,7 @@ pub async fn concurrent_readers_see_whole_records<S: Store + Clone>(store: &S) {
             })
         })
         .collect();
-    store
-        .complete(
-            &key,
-            token,
-            Completion::Response(sample_response().encode()),
-            TTL,
-        )
-        .await
-        .expect("complete by the holder");
+    complete_sample(store, &key, token, TTL).await;
     for reader in readers {
         reader.await.expect("reader");
     }
