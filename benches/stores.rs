@@ -103,6 +103,97 @@ mod real {
             .sum()
     }
 
+    /// Redis's own CPU time so far (user + system, seconds), from `INFO cpu`.
+    async fn redis_cpu(conn: &mut impl redis::aio::ConnectionLike) -> f64 {
+        let info: String = redis::cmd("INFO")
+            .arg("cpu")
+            .query_async(conn)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|l| l.starts_with("used_cpu_sys:") || l.starts_with("used_cpu_user:"))
+            .filter_map(|l| l.split(':').nth(1)?.trim().parse::<f64>().ok())
+            .sum()
+    }
+
+    /// The store's steps against the raw client's, 16 calls at a time,
+    /// interleaved over five rounds of 4,000 calls each, medians: the time
+    /// per call and what each call costs Redis itself (its CPU time).
+    /// Interleaving keeps the machine's drift out of the ratios, which the
+    /// rows below, measured one after the other, cannot.
+    fn redis_interleaved(
+        rt: &tokio::runtime::Runtime,
+        store: &RedisStore,
+        raw: &redis::aio::MultiplexedConnection,
+        encoded: &Bytes,
+        key: &dyn Fn(u64) -> RecordKey,
+        fresh: &AtomicU64,
+        hot: &RecordKey,
+    ) {
+        const CALLS: u64 = 4_000;
+        let mut conn = raw.clone();
+        let mut measure = |run: &mut dyn FnMut() -> Duration| {
+            let before = rt.block_on(redis_cpu(&mut conn));
+            let elapsed = run();
+            let cpu = rt.block_on(redis_cpu(&mut conn)) - before;
+            (
+                elapsed.as_secs_f64() * 1e6 / CALLS as f64,
+                cpu * 1e6 / CALLS as f64,
+            )
+        };
+        let mut rows: [Vec<(f64, f64)>; 4] = Default::default();
+        for _ in 0..5 {
+            rows[0].push(measure(&mut || {
+                time(rt, CALLS, IN_FLIGHT, |_| {
+                    let (store, encoded) = (store.clone(), encoded.clone());
+                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                    async move { first_use(&store, &k, encoded).await }
+                })
+            }));
+            rows[1].push(measure(&mut || {
+                time(rt, CALLS, IN_FLIGHT, |_| {
+                    let (mut conn, encoded) = (raw.clone(), encoded.clone());
+                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                    async move { raw_first_use(&mut conn, &k, &encoded).await }
+                })
+            }));
+            rows[2].push(measure(&mut || {
+                time(rt, CALLS, IN_FLIGHT, |_| {
+                    let (store, hot) = (store.clone(), *hot);
+                    async move { replay(&store, &hot).await }
+                })
+            }));
+            rows[3].push(measure(&mut || {
+                time(rt, CALLS, IN_FLIGHT, |_| {
+                    let mut conn = raw.clone();
+                    async move { raw_get(&mut conn).await }
+                })
+            }));
+        }
+        let median = |mut values: Vec<f64>| {
+            values.sort_by(f64::total_cmp);
+            values[values.len() / 2]
+        };
+        let [first, raw_first, replayed, raw_replayed] = rows.map(|round| {
+            let (times, cpus): (Vec<f64>, Vec<f64>) = round.into_iter().unzip();
+            (median(times), median(cpus))
+        });
+        for (step, store, raw) in [
+            ("first use", first, raw_first),
+            ("replay", replayed, raw_replayed),
+        ] {
+            println!(
+                "redis, 16 in flight, interleaved: {step}: {:.1} µs per call (raw {:.1} µs, \
+                 throughput ratio {:.2}); Redis CPU {:.1} µs per call (raw {:.1} µs)",
+                store.0,
+                raw.0,
+                raw.0 / store.0,
+                store.1,
+                raw.1
+            );
+        }
+    }
+
     /// Store calls per first use and per replay through the whole layer.
     async fn calls_per_request(name: &str, store: Arc<dyn Store>, redis_url: Option<&str>) {
         let calls = Arc::new(AtomicU64::new(0));
@@ -372,6 +463,9 @@ mod real {
                     .await
                     .unwrap();
             });
+            if in_flight == IN_FLIGHT {
+                redis_interleaved(&rt, &redis_store, &raw_redis, &encoded, &key, fresh, &hot);
+            }
             group.bench_function("redis/replay", |b| {
                 b.iter_custom(|n| {
                     time(&rt, n, in_flight, |_| {

@@ -65,19 +65,36 @@ impl Connection {
     pub(super) async fn eviction_policies(&self) -> RedisResult<Vec<String>> {
         let mut config = redis::cmd("CONFIG");
         config.arg("GET").arg("maxmemory-policy");
-        let answer: Value = match self {
-            Self::Single(connection) => config.query_async(&mut connection.clone()).await?,
-            Self::Cluster(connection) => {
-                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                connection.clone().route_command(config, routing).await?
-            }
-        };
         let mut words = Vec::new();
-        strings_in(&answer, &mut words);
+        strings_in(&self.on_every_master(config).await?, &mut words);
         Ok(words
             .into_iter()
             .filter(|word| word != "maxmemory-policy" && !word.contains(':'))
             .collect())
+    }
+
+    /// The version of every master (`redis_version` of `INFO server`).
+    pub(super) async fn versions(&self) -> RedisResult<Vec<String>> {
+        let mut info = redis::cmd("INFO");
+        info.arg("server");
+        let mut replies = Vec::new();
+        strings_in(&self.on_every_master(info).await?, &mut replies);
+        Ok(replies
+            .iter()
+            .flat_map(|reply| reply.lines())
+            .filter_map(|line| line.strip_prefix("redis_version:"))
+            .map(|version| version.trim().to_owned())
+            .collect())
+    }
+
+    async fn on_every_master(&self, command: redis::Cmd) -> RedisResult<Value> {
+        match self {
+            Self::Single(connection) => command.query_async(&mut connection.clone()).await,
+            Self::Cluster(connection) => {
+                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                connection.clone().route_command(command, routing).await
+            }
+        }
     }
 }
 
@@ -85,7 +102,7 @@ impl Connection {
 fn strings_in(value: &Value, out: &mut Vec<String>) {
     match value {
         Value::BulkString(bytes) => out.push(String::from_utf8_lossy(bytes).into_owned()),
-        Value::SimpleString(text) => out.push(text.clone()),
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => out.push(text.clone()),
         Value::Array(items) | Value::Set(items) => items.iter().for_each(|v| strings_in(v, out)),
         Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
             strings_in(k, out);
@@ -95,8 +112,31 @@ fn strings_in(value: &Value, out: &mut Vec<String>) {
     }
 }
 
+/// Whether a server of `version` (`7.2.4`) has `SET` with both `NX` and
+/// `GET`, which came with 7.0.
+pub(super) fn sets_and_gets(version: &str) -> bool {
+    version
+        .split('.')
+        .next()
+        .and_then(|major| major.parse::<u32>().ok())
+        .is_some_and(|major| major >= 7)
+}
+
 /// Whether a `maxmemory-policy` may evict keys that carry a TTL, as every
 /// lock and record of the store does.
 pub(super) fn evicts_keys_with_a_ttl(policy: &str) -> bool {
     policy.starts_with("volatile-") || policy.starts_with("allkeys-")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn set_with_nx_and_get_needs_redis_7() {
+        assert!(sets_and_gets("7.0.15"));
+        assert!(sets_and_gets("8.2.1"));
+        assert!(!sets_and_gets("6.2.14"));
+        assert!(!sets_and_gets("unknown"));
+    }
 }

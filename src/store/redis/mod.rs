@@ -4,21 +4,30 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, Script};
 
-use self::connection::{evicts_keys_with_a_ttl, Connection};
+use self::{
+    connection::{evicts_keys_with_a_ttl, sets_and_gets, Connection},
+    value::Found,
+};
 use super::{expiry_millis, BeginOutcome, Completion, LockToken, Store, StoreError};
 use crate::key::{Fingerprint, RecordKey};
 
 mod connection;
 mod scripts;
+mod value;
 
 /// A [`Store`] on Redis or Redis Cluster, shared by every replica that
 /// connects to it.
 ///
-/// Every operation is one server-side script on one key (`EVALSHA`, falling
-/// back to `EVAL` once per connection), so each is atomic, takes one round
-/// trip, and lives on one hash slot of a cluster. In-flight leases and
-/// completed-record TTLs are Redis key expiries, so nothing needs sweeping.
-/// Keys are `{prefix}{hex digest}`; the prefix defaults to `idempotency:`.
+/// Every record is one string key, and every operation one round trip on
+/// it, so each is atomic and lives on one hash slot of a cluster. `begin`
+/// is Redis's own `SET … NX PX … GET`: it takes a free key, or answers a
+/// replay, for what a `GET` costs. The steps that must compare a lock token
+/// before they write are server-side scripts (`EVALSHA`, falling back to
+/// `EVAL` once per connection), as is taking over a fenced record whose
+/// lease ran out. In-flight leases and completed-record TTLs are Redis key
+/// expiries, so nothing needs sweeping. Keys are `{prefix}{hex digest}`;
+/// the prefix defaults to `idempotency:`. Needs Redis 7.0 or newer (`SET`
+/// with both `NX` and `GET`).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
@@ -83,6 +92,7 @@ impl RedisStore {
     /// Connects to the Redis server at `url` with a reconnecting, multiplexed
     /// connection whose commands time out after 2 s (the layer then answers
     /// 503 instead of hanging), and warns if the server may evict keys.
+    /// Fails on a server older than Redis 7.0.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::backend)?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -93,14 +103,14 @@ impl RedisStore {
             .await
             .map_err(StoreError::backend)?;
         let store = Self::new(connection);
-        store.check_eviction_policy().await;
+        store.check_server().await?;
         Ok(store)
     }
 
     /// Connects to the Redis Cluster that `nodes` (`redis://host:port`
     /// URLs, any of its nodes) belong to, through redis-rs's cluster client,
     /// with the same timeouts as [`connect`](Self::connect), and warns if
-    /// any master may evict keys.
+    /// any master may evict keys. Fails if a master is older than Redis 7.0.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
@@ -132,7 +142,7 @@ impl RedisStore {
             .await
             .map_err(StoreError::backend)?;
         let store = Self::on_cluster(connection);
-        store.check_eviction_policy().await;
+        store.check_server().await?;
         Ok(store)
     }
 
@@ -180,7 +190,23 @@ impl RedisStore {
         self
     }
 
-    async fn check_eviction_policy(&self) {
+    /// Refuses a server older than 7.0, on which every `begin` would fail,
+    /// and warns of one that may evict keys.
+    async fn check_server(&self) -> Result<(), StoreError> {
+        match self.connection.versions().await {
+            Ok(versions) => {
+                if let Some(old) = versions.iter().find(|v| !sets_and_gets(v)) {
+                    return Err(StoreError::backend(format!(
+                        "RedisStore needs Redis 7.0 or newer (SET with NX and GET); \
+                         a server runs {old}"
+                    )));
+                }
+            }
+            Err(err) => tracing::warn!(
+                error = %err,
+                "could not read Redis's version; RedisStore needs 7.0 or newer"
+            ),
+        }
         match self.connection.eviction_policies().await {
             Ok(policies) => {
                 for policy in policies.iter().filter(|p| evicts_keys_with_a_ttl(p)) {
@@ -196,6 +222,7 @@ impl RedisStore {
                 "could not read Redis's maxmemory-policy; make sure it is noeviction"
             ),
         }
+        Ok(())
     }
 
     fn key(&self, key: &RecordKey) -> String {
@@ -229,14 +256,44 @@ impl RedisStore {
     /// `WAIT` that a retry sent to a new master, or over a new connection,
     /// counts no write of this one: the lock must be found where it is.
     async fn still_held(&self, name: &str, token: LockToken) -> Result<bool, StoreError> {
-        let mut get = redis::cmd("HGET");
-        get.arg(name).arg("t");
-        let held: Option<String> = self
+        let mut get = redis::cmd("GET");
+        get.arg(name);
+        let value: Option<Vec<u8>> = self
             .connection
             .query(&get)
             .await
             .map_err(StoreError::backend)?;
-        Ok(held == Some(token.to_string()))
+        Ok(value.is_some_and(|value| value::held_by(&value, token)))
+    }
+
+    /// The script half of `begin`, for a fenced record in flight.
+    async fn take_over(
+        &self,
+        name: &str,
+        lock: &[u8],
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        let mut invocation = self.scripts.begin.key(name);
+        invocation.arg(lock).arg(expiry_millis(lease));
+        let (state, response): (String, Vec<u8>) = self
+            .connection
+            .invoke(&invocation)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(match state.as_str() {
+            "acquired" => BeginOutcome::Acquired(token),
+            "recover" => BeginOutcome::Recover(token),
+            "mismatch" => BeginOutcome::Mismatch,
+            "in_flight" => BeginOutcome::InFlight,
+            "not_replayable" => BeginOutcome::NotReplayable,
+            "completed" => BeginOutcome::Completed(Bytes::from(response)),
+            other => {
+                return Err(StoreError::backend(format!(
+                    "unexpected answer {other:?} from the begin script"
+                )))
+            }
+        })
     }
 
     async fn held(
@@ -270,28 +327,32 @@ impl Store for RedisStore {
     ) -> Result<BeginOutcome, StoreError> {
         let token = LockToken::random();
         let name = self.key(key);
-        let mut invocation = self.scripts.begin.key(&name);
-        invocation
-            .arg(&fingerprint.as_bytes()[..])
-            .arg(token.to_string())
-            .arg(expiry_millis(lease));
-        let (state, response): (String, Vec<u8>) = self
+        let lock = value::lock(fingerprint, token);
+        let mut set = redis::cmd("SET");
+        set.arg(&name)
+            .arg(&lock[..])
+            .arg("NX")
+            .arg("PX")
+            .arg(expiry_millis(lease))
+            .arg("GET");
+        let found: Option<Vec<u8>> = self
             .connection
-            .invoke(&invocation)
+            .query(&set)
             .await
             .map_err(StoreError::backend)?;
-        let taken = match state.as_str() {
-            "acquired" => BeginOutcome::Acquired(token),
-            "recover" => BeginOutcome::Recover(token),
-            "mismatch" => return Ok(BeginOutcome::Mismatch),
-            "in_flight" => return Ok(BeginOutcome::InFlight),
-            "not_replayable" => return Ok(BeginOutcome::NotReplayable),
-            "completed" => return Ok(BeginOutcome::Completed(Bytes::from(response))),
-            other => {
-                return Err(StoreError::backend(format!(
-                    "unexpected answer {other:?} from the begin script"
-                )))
-            }
+        let taken = match found
+            .map(|v| value::found(v, fingerprint, token))
+            .transpose()?
+        {
+            None | Some(Found::Ours) => BeginOutcome::Acquired(token),
+            Some(Found::Mismatch) => return Ok(BeginOutcome::Mismatch),
+            Some(Found::InFlight) => return Ok(BeginOutcome::InFlight),
+            Some(Found::NotReplayable) => return Ok(BeginOutcome::NotReplayable),
+            Some(Found::Completed(response)) => return Ok(BeginOutcome::Completed(response)),
+            Some(Found::Fenced) => match self.take_over(&name, &lock, token, lease).await? {
+                taken @ (BeginOutcome::Acquired(_) | BeginOutcome::Recover(_)) => taken,
+                answer => return Ok(answer),
+            },
         };
         if self.replica_acks.is_some() {
             // Inside a third of the lease, which runs out while it waits.
@@ -323,7 +384,7 @@ impl Store for RedisStore {
         };
         self.held(&self.scripts.complete, key, |script| {
             script
-                .arg(token.to_string())
+                .arg(&value::token_bytes(token)[..])
                 .arg(state)
                 .arg(&record[..])
                 .arg(expiry_millis(ttl));
@@ -334,7 +395,7 @@ impl Store for RedisStore {
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
         self.held(&self.scripts.release, key, |script| {
-            script.arg(token.to_string());
+            script.arg(&value::token_bytes(token)[..]);
         })
         .await
     }
@@ -347,7 +408,9 @@ impl Store for RedisStore {
     ) -> Result<(), StoreError> {
         let name = self.key(key);
         let mut invocation = self.scripts.fence.key(&name);
-        invocation.arg(token.to_string()).arg(expiry_millis(ttl));
+        invocation
+            .arg(&value::token_bytes(token)[..])
+            .arg(expiry_millis(ttl));
         let fenced: i64 = self
             .connection
             .invoke(&invocation)
@@ -367,7 +430,9 @@ impl Store for RedisStore {
         lease: Duration,
     ) -> Result<(), StoreError> {
         self.held(&self.scripts.renew, key, |script| {
-            script.arg(token.to_string()).arg(expiry_millis(lease));
+            script
+                .arg(&value::token_bytes(token)[..])
+                .arg(expiry_millis(lease));
         })
         .await
     }

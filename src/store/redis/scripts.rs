@@ -1,88 +1,102 @@
-//! The scripts of a Redis store: one per step, each on the record's one
-//! key, so each is atomic and lives on one hash slot of a cluster.
+//! The scripts of a Redis store: the steps that must compare before they
+//! write, each on the record's one key, so each is atomic and lives on one
+//! hash slot of a cluster. They read and write the layout of `value.rs`
+//! (Lua counts from 1: state 1, fenced 2, fingerprint 3..34, token 35..50,
+//! tail from 51). The key's own expiry is the lease while in flight and
+//! unfenced, and the TTL once fenced or completed: a fenced record outlives
+//! its lease, so the next request recovers it instead of running again.
 
-/// Each record is one hash: `f` fingerprint, `s` state (`i` in flight, `c`
-/// completed, `n` not replayable), `t` lock token, `r` encoded response, and
-/// for a fenced record `e` = `1` and `l` its lease's end (server time, ms).
-/// The key's own expiry is the lease while in flight and unfenced, and the
-/// TTL once fenced or completed: a fenced record outlives its lease, so the
-/// next request recovers it instead of running again.
+/// `begin` when `SET … NX GET` found a fenced record in flight: takes it
+/// over if its lease has run out. It decides afresh from what it reads, as
+/// the record may have changed since. `ARGV[1]` is the lock value the
+/// request tried to set, `ARGV[2]` its lease.
 pub(super) const BEGIN: &str = r"
 local k = KEYS[1]
--- Every field at once: a replay is this one read.
-local rec = redis.call('HMGET', k, 's', 'f', 'e', 'l', 't', 'r')
-if not rec[1] then
-  redis.call('HSET', k, 'f', ARGV[1], 's', 'i', 't', ARGV[2])
-  redis.call('PEXPIRE', k, ARGV[3])
+local mine = ARGV[1]
+local lease = tonumber(ARGV[2])
+local v = redis.call('GET', k)
+if not v then
+  redis.call('SET', k, mine, 'PX', lease)
   return {'acquired', ''}
 end
-if rec[2] ~= ARGV[1] then return {'mismatch', ''} end
-if rec[1] == 'i' and rec[5] == ARGV[2] then
+local fp = string.sub(mine, 3, 34)
+local token = string.sub(mine, 35, 50)
+if string.sub(v, 3, 34) ~= fp then return {'mismatch', ''} end
+local state = string.sub(v, 1, 1)
+local fenced = string.sub(v, 2, 2) == '1'
+if state == 'i' and string.sub(v, 35, 50) == token then
   -- This very call, sent again by a client retry: it took the key.
-  if rec[3] == '1' then return {'recover', ''} end
+  if fenced then return {'recover', ''} end
   return {'acquired', ''}
 end
-if rec[1] == 'i' then
-  if rec[3] ~= '1' then return {'in_flight', ''} end
+if state == 'i' then
+  if not fenced then return {'in_flight', ''} end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if tonumber(rec[4]) > now then return {'in_flight', ''} end
-  redis.call('HSET', k, 't', ARGV[2], 'l', now + tonumber(ARGV[3]))
-  if redis.call('PTTL', k) < tonumber(ARGV[3]) then redis.call('PEXPIRE', k, ARGV[3]) end
+  if tonumber(string.sub(v, 51)) > now then return {'in_flight', ''} end
+  redis.call('SET', k, 'i1' .. fp .. token .. (now + lease), 'KEEPTTL')
+  if redis.call('PTTL', k) < lease then redis.call('PEXPIRE', k, lease) end
   return {'recover', ''}
 end
-if rec[1] == 'n' then return {'not_replayable', ''} end
-return {'completed', rec[6]}
+if state == 'n' then return {'not_replayable', ''} end
+return {'completed', string.sub(v, 51)}
 ";
 
+/// `ARGV`: token, new state (`c` or `n`), encoded response, TTL.
 pub(super) const COMPLETE: &str = r"
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 's', 't')
+local v = redis.call('GET', k)
+if not v then return 0 end
+local state = string.sub(v, 1, 1)
+local held = string.sub(v, 35, 50) == ARGV[1]
 -- Completed by this token already: a client retry of this very call.
-if rec[1] == ARGV[2] and rec[2] == ARGV[1] then return 1 end
-if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', k, 's', ARGV[2], 'r', ARGV[3])
-redis.call('PEXPIRE', k, ARGV[4])
+if held and state == ARGV[2] then return 1 end
+if state ~= 'i' or not held then return 0 end
+redis.call('SET', k, ARGV[2] .. '0' .. string.sub(v, 3, 50) .. ARGV[3], 'PX', ARGV[4])
 return 1
 ";
 
+/// `ARGV`: token.
 pub(super) const RELEASE: &str = r"
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 's', 't', 'e')
-if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
-if rec[3] == '1' then
-  redis.call('HSET', k, 'l', 0)
+local v = redis.call('GET', k)
+if not v or string.sub(v, 1, 1) ~= 'i' or string.sub(v, 35, 50) ~= ARGV[1] then return 0 end
+if string.sub(v, 2, 2) == '1' then
+  -- A fenced record stays, with a lease that has run out.
+  redis.call('SET', k, string.sub(v, 1, 50) .. '0', 'KEEPTTL')
 else
   redis.call('DEL', k)
 end
 return 1
 ";
 
+/// `ARGV`: token, lease.
 pub(super) const RENEW: &str = r"
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 's', 't', 'e')
-if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
-if rec[3] == '1' then
+local lease = tonumber(ARGV[2])
+local v = redis.call('GET', k)
+if not v or string.sub(v, 1, 1) ~= 'i' or string.sub(v, 35, 50) ~= ARGV[1] then return 0 end
+if string.sub(v, 2, 2) == '1' then
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('HSET', k, 'l', now + tonumber(ARGV[2]))
-  if redis.call('PTTL', k) < tonumber(ARGV[2]) then redis.call('PEXPIRE', k, ARGV[2]) end
+  redis.call('SET', k, string.sub(v, 1, 50) .. (now + lease), 'KEEPTTL')
+  if redis.call('PTTL', k) < lease then redis.call('PEXPIRE', k, lease) end
 else
-  redis.call('PEXPIRE', k, ARGV[2])
+  redis.call('PEXPIRE', k, lease)
 end
 return 1
 ";
 
-/// `1` fenced, `0` lock lost, `2` fenced before.
+/// `ARGV`: token, TTL. Answers `1` fenced, `0` lock lost, `2` fenced before.
 pub(super) const FENCE: &str = r"
 local k = KEYS[1]
-local rec = redis.call('HMGET', k, 's', 't', 'e')
-if rec[1] ~= 'i' or rec[2] ~= ARGV[1] then return 0 end
-if rec[3] == '1' then return 2 end
+local v = redis.call('GET', k)
+if not v or string.sub(v, 1, 1) ~= 'i' or string.sub(v, 35, 50) ~= ARGV[1] then return 0 end
+if string.sub(v, 2, 2) == '1' then return 2 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease = redis.call('PTTL', k)
-redis.call('HSET', k, 'e', '1', 'l', now + lease)
+redis.call('SET', k, 'i1' .. string.sub(v, 3, 50) .. (now + lease), 'KEEPTTL')
 if lease < tonumber(ARGV[2]) then redis.call('PEXPIRE', k, ARGV[2]) end
 return 1
 ";

@@ -1,0 +1,152 @@
+//! How a Redis store lays out a record in its key's one string value. The
+//! store reads it and its scripts rewrite it, at the same offsets:
+//!
+//! | bytes | what |
+//! |---|---|
+//! | 0 | state: `i` in flight, `c` completed, `n` not replayable |
+//! | 1 | `1` once the effect is fenced, else `0` |
+//! | 2..34 | the request's fingerprint |
+//! | 34..50 | the holder's lock token (kept on completion: a retried `complete` finds its own) |
+//! | 50.. | completed: the encoded response; fenced and in flight: the lease's end, server time in ms, in decimal |
+//!
+//! A string rather than a hash lets `begin` be Redis's own `SET … NX GET`,
+//! which costs Redis what a `GET` does, instead of a script.
+
+use bytes::Bytes;
+
+use crate::{
+    key::Fingerprint,
+    store::{LockToken, StoreError},
+};
+
+/// Where the tail (the response, or a fenced lease's end) starts.
+const HEADER: usize = 50;
+
+/// The value that takes a free key: in flight, not fenced.
+pub(super) fn lock(fingerprint: &Fingerprint, token: LockToken) -> [u8; HEADER] {
+    let mut value = [0; HEADER];
+    value[0] = b'i';
+    value[1] = b'0';
+    value[2..34].copy_from_slice(fingerprint.as_bytes());
+    value[34..].copy_from_slice(&token.as_u128().to_be_bytes());
+    value
+}
+
+/// A token as the scripts compare it.
+pub(super) fn token_bytes(token: LockToken) -> [u8; 16] {
+    token.as_u128().to_be_bytes()
+}
+
+/// What a `begin` found under its key.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Found {
+    /// Another request's fingerprint.
+    Mismatch,
+    /// In flight under `token` itself: a retry of the very `SET` that took it.
+    Ours,
+    /// In flight under another holder, whose lease is the key's expiry.
+    InFlight,
+    /// In flight and fenced: only a script that reads the server's clock
+    /// can tell whether its lease has run out.
+    Fenced,
+    NotReplayable,
+    Completed(Bytes),
+}
+
+/// Reads a value `begin` found, for a request with `fingerprint` that
+/// tried to take the key with `token`.
+pub(super) fn found(
+    value: Vec<u8>,
+    fingerprint: &Fingerprint,
+    token: LockToken,
+) -> Result<Found, StoreError> {
+    if value.len() < HEADER {
+        return Err(malformed(&value));
+    }
+    if value[2..34] != fingerprint.as_bytes()[..] {
+        return Ok(Found::Mismatch);
+    }
+    Ok(match value[0] {
+        b'i' if value[34..HEADER] == token_bytes(token) => Found::Ours,
+        b'i' if value[1] == b'1' => Found::Fenced,
+        b'i' => Found::InFlight,
+        b'n' => Found::NotReplayable,
+        b'c' => Found::Completed(Bytes::from(value).slice(HEADER..)),
+        _ => return Err(malformed(&value)),
+    })
+}
+
+/// Whether `value` is in flight under `token`.
+pub(super) fn held_by(value: &[u8], token: LockToken) -> bool {
+    value.len() >= HEADER && value[0] == b'i' && value[34..HEADER] == token_bytes(token)
+}
+
+fn malformed(value: &[u8]) -> StoreError {
+    StoreError::backend(format!(
+        "a Redis record of {} bytes that this store did not write (state {:?})",
+        value.len(),
+        value.first().map(|&b| char::from(b))
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fingerprint(byte: u8) -> Fingerprint {
+        Fingerprint::from_bytes([byte; 32])
+    }
+
+    fn completed(fp: &Fingerprint, token: LockToken, response: &[u8]) -> Vec<u8> {
+        let mut value = lock(fp, token).to_vec();
+        value[0] = b'c';
+        value.extend_from_slice(response);
+        value
+    }
+
+    #[test]
+    fn a_completed_value_yields_the_response_after_the_header() {
+        let (fp, token) = (fingerprint(7), LockToken::from_u128(1));
+        let value = completed(&fp, token, b"response");
+        let found = found(value, &fp, LockToken::from_u128(2)).unwrap();
+        assert_eq!(found, Found::Completed(Bytes::from_static(b"response")));
+    }
+
+    #[test]
+    fn another_fingerprint_is_a_mismatch_in_any_state() {
+        let token = LockToken::from_u128(1);
+        let value = completed(&fingerprint(7), token, b"response");
+        assert_eq!(
+            found(value, &fingerprint(8), token).unwrap(),
+            Found::Mismatch
+        );
+    }
+
+    #[test]
+    fn the_lock_tells_its_own_token_from_another_holder() {
+        let (fp, token) = (fingerprint(7), LockToken::from_u128(1));
+        let value = lock(&fp, token).to_vec();
+        assert_eq!(found(value.clone(), &fp, token).unwrap(), Found::Ours);
+        assert_eq!(
+            found(value, &fp, LockToken::from_u128(2)).unwrap(),
+            Found::InFlight
+        );
+    }
+
+    #[test]
+    fn a_fenced_lock_of_another_holder_needs_the_server_clock() {
+        let fp = fingerprint(7);
+        let mut value = lock(&fp, LockToken::from_u128(1)).to_vec();
+        value[1] = b'1';
+        value.extend_from_slice(b"1700000000000");
+        let found = found(value, &fp, LockToken::from_u128(2)).unwrap();
+        assert_eq!(found, Found::Fenced);
+    }
+
+    #[test]
+    fn a_value_shorter_than_the_header_is_an_error() {
+        let token = LockToken::from_u128(1);
+        assert!(found(b"c0".to_vec(), &fingerprint(7), token).is_err());
+        assert!(!held_by(b"i0", token));
+    }
+}
