@@ -327,6 +327,47 @@ async fn redis_keys_carry_the_prefix_and_a_ttl() {
 }
 
 #[tokio::test]
+async fn redis_key_holding_another_type_answers_503_even_failing_open() {
+    let prefix = format!("{}:", unique_key("wrongtype"));
+    let store = RedisStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix(prefix.clone());
+    let counter = Counter::default();
+    let svc = app(
+        &IdempotencyLayer::new(store).with_store_failure(StoreFailure::FailOpen),
+        counter.handler(Duration::ZERO),
+    );
+    let key = unique_key("charged");
+    send(&svc, post("/payments", Some(&key), "{}")).await;
+    let [(name, _)] = &ttls_under(&prefix).await[..] else {
+        panic!("one record under {prefix}")
+    };
+    // The record as a hash, as a store of another layout would leave it.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::pipe()
+        .del(name)
+        .hset(name, "s", "c")
+        .pexpire(name, 60_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (status, _, problem) = json(send(&svc, post("/payments", Some(&key), "{}")).await).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(problem["type"]
+        .as_str()
+        .unwrap()
+        .ends_with("store-unavailable"));
+    assert_eq!(
+        counter.runs(),
+        1,
+        "a key the store has seen is never failed open"
+    );
+}
+
+#[tokio::test]
 async fn slow_handler_on_redis_renews_its_lease() {
     let store = RedisStore::connect(&redis_url()).await.unwrap();
     let counter = Counter::default();

@@ -73,18 +73,35 @@ impl Connection {
             .collect())
     }
 
-    /// The version of every master (`redis_version` of `INFO server`).
+    /// The version of every master (`redis_version` of `INFO server`). A
+    /// master whose answer names none (an error, a renamed command) is an
+    /// error: the check must not pass for want of an answer.
     pub(super) async fn versions(&self) -> RedisResult<Vec<String>> {
         let mut info = redis::cmd("INFO");
         info.arg("server");
-        let mut replies = Vec::new();
-        strings_in(&self.on_every_master(info).await?, &mut replies);
-        Ok(replies
-            .iter()
-            .flat_map(|reply| reply.lines())
-            .filter_map(|line| line.strip_prefix("redis_version:"))
-            .map(|version| version.trim().to_owned())
-            .collect())
+        let answer = self.on_every_master(info).await?;
+        let replies: Vec<&Value> = match &answer {
+            Value::Map(pairs) => pairs.iter().map(|(_, reply)| reply).collect(),
+            reply => vec![reply],
+        };
+        replies
+            .into_iter()
+            .map(|reply| {
+                let mut texts = Vec::new();
+                strings_in(reply, &mut texts);
+                texts
+                    .iter()
+                    .flat_map(|text| text.lines())
+                    .find_map(|line| line.strip_prefix("redis_version:"))
+                    .map(|version| version.trim().to_owned())
+                    .ok_or_else(|| {
+                        redis::RedisError::from((
+                            redis::ErrorKind::UnexpectedReturnType,
+                            "a master's INFO server names no redis_version",
+                        ))
+                    })
+            })
+            .collect()
     }
 
     async fn on_every_master(&self, command: redis::Cmd) -> RedisResult<Value> {

@@ -8,7 +8,7 @@ use self::{
     connection::{evicts_keys_with_a_ttl, sets_and_gets, Connection},
     value::Found,
 };
-use super::{expiry_millis, BeginOutcome, Completion, LockToken, Store, StoreError};
+use super::{expiry_millis, BeginOutcome, Completion, DecodeError, LockToken, Store, StoreError};
 use crate::key::{Fingerprint, RecordKey};
 
 mod connection;
@@ -146,12 +146,16 @@ impl RedisStore {
         Ok(store)
     }
 
-    /// A store on a connection you configured yourself.
+    /// A store on a connection you configured yourself. Unlike
+    /// [`connect`](Self::connect) it checks nothing: the server must be
+    /// Redis 7.0 or newer.
     pub fn new(connection: ConnectionManager) -> Self {
         Self::on(Connection::Single(connection))
     }
 
-    /// A store on a cluster connection you configured yourself.
+    /// A store on a cluster connection you configured yourself. Unlike
+    /// [`connect_cluster`](Self::connect_cluster) it checks nothing: every
+    /// master must be Redis 7.0 or newer.
     pub fn on_cluster(connection: ClusterConnection) -> Self {
         Self::on(Connection::Cluster(connection))
     }
@@ -288,9 +292,11 @@ impl RedisStore {
             "in_flight" => BeginOutcome::InFlight,
             "not_replayable" => BeginOutcome::NotReplayable,
             "completed" => BeginOutcome::Completed(Bytes::from(response)),
-            other => {
-                return Err(StoreError::backend(format!(
-                    "unexpected answer {other:?} from the begin script"
+            // The script ran on the key: whatever it found there, it is
+            // not a reason to fail open.
+            _ => {
+                return Err(StoreError::Decode(DecodeError(
+                    "an unexpected answer from the Redis begin script",
                 )))
             }
         })
@@ -335,16 +341,21 @@ impl Store for RedisStore {
             .arg("PX")
             .arg(expiry_millis(lease))
             .arg("GET");
-        let found: Option<Vec<u8>> = self
-            .connection
-            .query(&set)
-            .await
-            .map_err(StoreError::backend)?;
+        let found: Option<Vec<u8>> = self.connection.query(&set).await.map_err(|err| {
+            // The key holds a value of another type: this store did not
+            // write it, but it has seen the key.
+            if err.code() == Some("WRONGTYPE") {
+                StoreError::Decode(DecodeError("a Redis key that is not a string"))
+            } else {
+                StoreError::backend(err)
+            }
+        })?;
         let taken = match found
             .map(|v| value::found(v, fingerprint, token))
             .transpose()?
         {
-            None | Some(Found::Ours) => BeginOutcome::Acquired(token),
+            None | Some(Found::Ours { fenced: false }) => BeginOutcome::Acquired(token),
+            Some(Found::Ours { fenced: true }) => BeginOutcome::Recover(token),
             Some(Found::Mismatch) => return Ok(BeginOutcome::Mismatch),
             Some(Found::InFlight) => return Ok(BeginOutcome::InFlight),
             Some(Found::NotReplayable) => return Ok(BeginOutcome::NotReplayable),

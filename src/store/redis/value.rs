@@ -16,7 +16,7 @@ use bytes::Bytes;
 
 use crate::{
     key::Fingerprint,
-    store::{LockToken, StoreError},
+    store::{DecodeError, LockToken, StoreError},
 };
 
 /// Where the tail (the response, or a fenced lease's end) starts.
@@ -42,8 +42,10 @@ pub(super) fn token_bytes(token: LockToken) -> [u8; 16] {
 pub(super) enum Found {
     /// Another request's fingerprint.
     Mismatch,
-    /// In flight under `token` itself: a retry of the very `SET` that took it.
-    Ours,
+    /// In flight under `token` itself: a retry of the very call that took it.
+    Ours {
+        fenced: bool,
+    },
     /// In flight under another holder, whose lease is the key's expiry.
     InFlight,
     /// In flight and fenced: only a script that reads the server's clock
@@ -61,18 +63,20 @@ pub(super) fn found(
     token: LockToken,
 ) -> Result<Found, StoreError> {
     if value.len() < HEADER {
-        return Err(malformed(&value));
+        return Err(malformed());
     }
     if value[2..34] != fingerprint.as_bytes()[..] {
         return Ok(Found::Mismatch);
     }
     Ok(match value[0] {
-        b'i' if value[34..HEADER] == token_bytes(token) => Found::Ours,
+        b'i' if value[34..HEADER] == token_bytes(token) => Found::Ours {
+            fenced: value[1] == b'1',
+        },
         b'i' if value[1] == b'1' => Found::Fenced,
         b'i' => Found::InFlight,
         b'n' => Found::NotReplayable,
         b'c' => Found::Completed(Bytes::from(value).slice(HEADER..)),
-        _ => return Err(malformed(&value)),
+        _ => return Err(malformed()),
     })
 }
 
@@ -81,12 +85,10 @@ pub(super) fn held_by(value: &[u8], token: LockToken) -> bool {
     value.len() >= HEADER && value[0] == b'i' && value[34..HEADER] == token_bytes(token)
 }
 
-fn malformed(value: &[u8]) -> StoreError {
-    StoreError::backend(format!(
-        "a Redis record of {} bytes that this store did not write (state {:?})",
-        value.len(),
-        value.first().map(|&b| char::from(b))
-    ))
+/// A value this store did not write. The key has been seen, so this is a
+/// decode error, which the layer never fails open on.
+fn malformed() -> StoreError {
+    StoreError::Decode(DecodeError("a Redis record this store did not write"))
 }
 
 #[cfg(test)]
@@ -126,7 +128,10 @@ mod tests {
     fn the_lock_tells_its_own_token_from_another_holder() {
         let (fp, token) = (fingerprint(7), LockToken::from_u128(1));
         let value = lock(&fp, token).to_vec();
-        assert_eq!(found(value.clone(), &fp, token).unwrap(), Found::Ours);
+        assert_eq!(
+            found(value.clone(), &fp, token).unwrap(),
+            Found::Ours { fenced: false }
+        );
         assert_eq!(
             found(value, &fp, LockToken::from_u128(2)).unwrap(),
             Found::InFlight
@@ -144,9 +149,10 @@ mod tests {
     }
 
     #[test]
-    fn a_value_shorter_than_the_header_is_an_error() {
+    fn a_value_shorter_than_the_header_is_a_decode_error() {
         let token = LockToken::from_u128(1);
-        assert!(found(b"c0".to_vec(), &fingerprint(7), token).is_err());
+        let err = found(b"c0".to_vec(), &fingerprint(7), token).unwrap_err();
+        assert!(matches!(err, StoreError::Decode(_)), "{err:?}");
         assert!(!held_by(b"i0", token));
     }
 }
