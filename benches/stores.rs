@@ -10,6 +10,8 @@
 #[cfg(all(feature = "redis", feature = "postgres"))]
 mod real {
     use std::{
+        future::Future,
+        pin::Pin,
         sync::{
             atomic::{AtomicU64, Ordering},
             Arc,
@@ -116,81 +118,96 @@ mod real {
             .sum()
     }
 
-    /// The store's steps against the raw client's, 16 calls at a time,
-    /// interleaved over five rounds of 4,000 calls each, medians: the time
-    /// per call and what each call costs Redis itself (its CPU time).
-    /// Interleaving keeps the machine's drift out of the ratios, which the
-    /// rows below, measured one after the other, cannot.
-    fn redis_interleaved(
-        rt: &tokio::runtime::Runtime,
-        store: &RedisStore,
-        raw: &redis::aio::MultiplexedConnection,
-        encoded: &Bytes,
-        key: &dyn Fn(u64) -> RecordKey,
-        fresh: &AtomicU64,
-        hot: &RecordKey,
-    ) {
-        const CALLS: u64 = 4_000;
-        let mut conn = raw.clone();
-        let mut measure = |run: &mut dyn FnMut() -> Duration| {
-            let before = rt.block_on(redis_cpu(&mut conn));
-            let elapsed = run();
-            let cpu = rt.block_on(redis_cpu(&mut conn)) - before;
+    /// One call of a step, as a future of its own.
+    type Step<'a> = Box<dyn FnMut() -> Pin<Box<dyn Future<Output = ()> + Send>> + 'a>;
+
+    /// A Redis store's first use and replay, each beside the raw client's.
+    fn redis_steps<'a, C>(
+        store: &'a RedisStore,
+        raw: &'a C,
+        encoded: &'a Bytes,
+        key: &'a dyn Fn(u64) -> RecordKey,
+        fresh: &'a AtomicU64,
+        hot: RecordKey,
+    ) -> Vec<(&'static str, Step<'a>, Step<'a>)>
+    where
+        C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+    {
+        vec![
             (
-                elapsed.as_secs_f64() * 1e6 / CALLS as f64,
-                cpu * 1e6 / CALLS as f64,
-            )
-        };
-        let mut rows: [Vec<(f64, f64)>; 4] = Default::default();
-        for _ in 0..5 {
-            rows[0].push(measure(&mut || {
-                time(rt, CALLS, IN_FLIGHT, |_| {
+                "first use",
+                Box::new(move || {
                     let (store, encoded) = (store.clone(), encoded.clone());
                     let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                    async move { first_use(&store, &k, encoded).await }
-                })
-            }));
-            rows[1].push(measure(&mut || {
-                time(rt, CALLS, IN_FLIGHT, |_| {
+                    Box::pin(async move { first_use(&store, &k, encoded).await })
+                }),
+                Box::new(move || {
                     let (mut conn, encoded) = (raw.clone(), encoded.clone());
                     let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                    async move { raw_first_use(&mut conn, &k, &encoded).await }
-                })
-            }));
-            rows[2].push(measure(&mut || {
-                time(rt, CALLS, IN_FLIGHT, |_| {
-                    let (store, hot) = (store.clone(), *hot);
-                    async move { replay(&store, &hot).await }
-                })
-            }));
-            rows[3].push(measure(&mut || {
-                time(rt, CALLS, IN_FLIGHT, |_| {
+                    Box::pin(async move { raw_first_use(&mut conn, &k, &encoded).await })
+                }),
+            ),
+            (
+                "replay",
+                Box::new(move || {
+                    let store = store.clone();
+                    Box::pin(async move { replay(&store, &hot).await })
+                }),
+                Box::new(move || {
                     let mut conn = raw.clone();
-                    async move { raw_get(&mut conn).await }
-                })
-            }));
-        }
+                    Box::pin(async move { raw_get(&mut conn).await })
+                }),
+            ),
+        ]
+    }
+
+    /// Each step of a store against the same step of its raw client,
+    /// interleaved over five rounds (store, raw, store, raw, …) of `calls`
+    /// calls `in_flight` at a time; medians of the time per call and, given
+    /// a Redis connection, of what each call costs that Redis (its CPU
+    /// time). Interleaving keeps the machine's drift out of the ratios,
+    /// which the criterion rows, measured one after the other, cannot.
+    fn interleaved(
+        rt: &tokio::runtime::Runtime,
+        store: &str,
+        in_flight: usize,
+        calls: u64,
+        steps: Vec<(&str, Step<'_>, Step<'_>)>,
+        redis: Option<&redis::aio::MultiplexedConnection>,
+    ) {
+        let measure = |step: &mut Step<'_>| {
+            let cpu = || redis.map_or(0.0, |conn| rt.block_on(redis_cpu(&mut conn.clone())));
+            let before = cpu();
+            let elapsed = time(rt, calls, in_flight, |_| step());
+            let used = cpu() - before;
+            (
+                elapsed.as_secs_f64() * 1e6 / calls as f64,
+                used * 1e6 / calls as f64,
+            )
+        };
         let median = |mut values: Vec<f64>| {
             values.sort_by(f64::total_cmp);
             values[values.len() / 2]
         };
-        let [first, raw_first, replayed, raw_replayed] = rows.map(|round| {
-            let (times, cpus): (Vec<f64>, Vec<f64>) = round.into_iter().unzip();
-            (median(times), median(cpus))
-        });
-        for (step, store, raw) in [
-            ("first use", first, raw_first),
-            ("replay", replayed, raw_replayed),
-        ] {
-            println!(
-                "redis, 16 in flight, interleaved: {step}: {:.1} µs per call (raw {:.1} µs, \
-                 throughput ratio {:.2}); Redis CPU {:.1} µs per call (raw {:.1} µs)",
-                store.0,
-                raw.0,
-                raw.0 / store.0,
-                store.1,
-                raw.1
+        for (name, mut ours, mut raw) in steps {
+            let (mut rounds, mut raw_rounds) = (Vec::new(), Vec::new());
+            for _ in 0..5 {
+                rounds.push(measure(&mut ours));
+                raw_rounds.push(measure(&mut raw));
+            }
+            let [(time, cpu), (raw_time, raw_cpu)] = [rounds, raw_rounds].map(|rounds| {
+                let (times, cpus): (Vec<f64>, Vec<f64>) = rounds.into_iter().unzip();
+                (median(times), median(cpus))
+            });
+            print!(
+                "interleaved, {store} {name}, {in_flight} in flight: {time:.1} µs per call \
+                 (raw {raw_time:.1} µs, throughput ratio {:.2})",
+                raw_time / time
             );
+            if redis.is_some() {
+                print!("; Redis CPU {cpu:.1} µs per call (raw {raw_cpu:.1} µs)");
+            }
+            println!();
         }
     }
 
@@ -346,6 +363,32 @@ mod real {
             .unwrap();
     }
 
+    /// What a raw client does for a first use on PostgreSQL: a lock row
+    /// inserted unless one exists, then the response stored in it.
+    async fn raw_insert_then_update(pool: &sqlx::PgPool, key: &RecordKey, encoded: &Bytes) {
+        sqlx::query("INSERT INTO bench_raw (key, state, expires_at) VALUES ($1, 0, now() + interval '1 minute') ON CONFLICT DO NOTHING")
+            .bind(&key.as_bytes()[..])
+            .execute(pool)
+            .await
+            .unwrap();
+        sqlx::query("UPDATE bench_raw SET state = 1, body = $2, expires_at = now() + interval '10 minutes' WHERE key = $1")
+            .bind(&key.as_bytes()[..])
+            .bind(&encoded[..])
+            .execute(pool)
+            .await
+            .unwrap();
+    }
+
+    /// What a raw client does for a replay on PostgreSQL: one `SELECT`.
+    async fn raw_select(pool: &sqlx::PgPool, key: &RecordKey) {
+        let _: (Vec<u8>,) =
+            sqlx::query_as("SELECT body FROM bench_raw WHERE key = $1 AND expires_at > now()")
+                .bind(&key.as_bytes()[..])
+                .fetch_one(pool)
+                .await
+                .unwrap();
+    }
+
     /// How many calls a concurrent row keeps in flight, as a server's
     /// concurrent requests would.
     const IN_FLIGHT: usize = 16;
@@ -463,9 +506,43 @@ mod real {
                     .await
                     .unwrap();
             });
-            if in_flight == IN_FLIGHT {
-                redis_interleaved(&rt, &redis_store, &raw_redis, &encoded, &key, fresh, &hot);
-            }
+            let calls = if in_flight == 1 { 500 } else { 4_000 };
+            let redis_steps = redis_steps(&redis_store, &raw_redis, &encoded, &key, fresh, hot);
+            interleaved(
+                &rt,
+                "Redis",
+                in_flight,
+                calls,
+                redis_steps,
+                Some(&raw_redis),
+            );
+            let postgres_steps: Vec<(&str, Step<'_>, Step<'_>)> = vec![
+                (
+                    "first use",
+                    Box::new(|| {
+                        let (store, encoded) = (pg_store.clone(), encoded.clone());
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                        Box::pin(async move { first_use(&store, &k, encoded).await })
+                    }),
+                    Box::new(|| {
+                        let (pool, encoded) = (pool.clone(), encoded.clone());
+                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                        Box::pin(async move { raw_insert_then_update(&pool, &k, &encoded).await })
+                    }),
+                ),
+                (
+                    "replay",
+                    Box::new(|| {
+                        let store = pg_store.clone();
+                        Box::pin(async move { replay(&store, &hot).await })
+                    }),
+                    Box::new(|| {
+                        let pool = pool.clone();
+                        Box::pin(async move { raw_select(&pool, &hot).await })
+                    }),
+                ),
+            ];
+            interleaved(&rt, "PostgreSQL", in_flight, calls, postgres_steps, None);
             group.bench_function("redis/replay", |b| {
                 b.iter_custom(|n| {
                     time(&rt, n, in_flight, |_| {
@@ -496,19 +573,7 @@ mod real {
                     time(&rt, n, in_flight, |_| {
                         let (pool, encoded) = (pool.clone(), encoded.clone());
                         let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                        async move {
-                            sqlx::query("INSERT INTO bench_raw (key, state, expires_at) VALUES ($1, 0, now() + interval '1 minute') ON CONFLICT DO NOTHING")
-                                .bind(&k.as_bytes()[..])
-                                .execute(&pool)
-                                .await
-                                .unwrap();
-                            sqlx::query("UPDATE bench_raw SET state = 1, body = $2, expires_at = now() + interval '10 minutes' WHERE key = $1")
-                                .bind(&k.as_bytes()[..])
-                                .bind(&encoded[..])
-                                .execute(&pool)
-                                .await
-                                .unwrap();
-                        }
+                        async move { raw_insert_then_update(&pool, &k, &encoded).await }
                     })
                 })
             });
@@ -553,15 +618,7 @@ mod real {
                 b.iter_custom(|n| {
                     time(&rt, n, in_flight, |_| {
                         let pool = pool.clone();
-                        async move {
-                            let _: (Vec<u8>,) = sqlx::query_as(
-                                "SELECT body FROM bench_raw WHERE key = $1 AND expires_at > now()",
-                            )
-                            .bind(&hot.as_bytes()[..])
-                            .fetch_one(&pool)
-                            .await
-                            .unwrap();
-                        }
+                        async move { raw_select(&pool, &hot).await }
                     })
                 })
             });
@@ -637,6 +694,9 @@ mod real {
                 .await
                 .unwrap();
         });
+        let calls = if in_flight == 1 { 500 } else { 4_000 };
+        let steps = redis_steps(&store, &raw, encoded, key, fresh, hot);
+        interleaved(rt, "Redis Cluster", in_flight, calls, steps, None);
         group.bench_function("redis_cluster/replay", |b| {
             b.iter_custom(|n| {
                 time(rt, n, in_flight, |_| {
