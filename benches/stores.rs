@@ -32,7 +32,7 @@ mod real {
     use crate::common::{drain, handler, request};
 
     /// Counts the calls the layer makes to a store; each call of the shipped
-    /// stores is one round trip (one script, one statement).
+    /// stores is one round trip (one command or script, one statement).
     #[derive(Debug, Clone)]
     struct Counting<S> {
         inner: S,

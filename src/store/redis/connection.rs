@@ -74,8 +74,9 @@ impl Connection {
     }
 
     /// The version of every master (`redis_version` of `INFO server`). A
-    /// master whose answer names none (an error, a renamed command) is an
-    /// error: the check must not pass for want of an answer.
+    /// master whose answer names none (an error, a renamed command) makes
+    /// this an error, which the store warns of, rather than a list that
+    /// leaves that master out.
     pub(super) async fn versions(&self) -> RedisResult<Vec<String>> {
         let mut info = redis::cmd("INFO");
         info.arg("server");

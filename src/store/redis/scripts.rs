@@ -33,7 +33,9 @@ if state == 'i' then
   if not fenced then return {'in_flight', ''} end
   local t = redis.call('TIME')
   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  if tonumber(string.sub(v, 51)) > now then return {'in_flight', ''} end
+  -- A lease end it cannot read counts as run out: a recovery never repeats
+  -- the effect, while waiting could hold the key for its whole TTL.
+  if (tonumber(string.sub(v, 51)) or 0) > now then return {'in_flight', ''} end
   redis.call('SET', k, 'i1' .. fp .. token .. (now + lease), 'KEEPTTL')
   if redis.call('PTTL', k) < lease then redis.call('PEXPIRE', k, lease) end
   return {'recover', ''}

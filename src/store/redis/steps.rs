@@ -1,0 +1,241 @@
+//! The steps of a Redis store: the `Store` operations, one round trip on
+//! the record's key each, and what they share.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redis::Script;
+
+use super::{value, value::Found, RedisStore};
+use crate::{
+    key::{Fingerprint, RecordKey},
+    store::{expiry_millis, BeginOutcome, Completion, DecodeError, LockToken, Store, StoreError},
+};
+
+impl RedisStore {
+    fn key(&self, key: &RecordKey) -> String {
+        format!("{}{}", self.prefix, key.to_hex())
+    }
+
+    /// Waits for the replicas `with_replica_acks` asks for, if any, at
+    /// most `within` (and between 1 ms and 1.5 s, inside the connection's
+    /// 2 s response timeout: `WAIT` with 0 would block for ever).
+    async fn replicated(&self, key: &str, within: Duration) -> Result<(), StoreError> {
+        let Some((replicas, timeout)) = self.replica_acks else {
+            return Ok(());
+        };
+        let timeout = timeout
+            .min(within)
+            .clamp(Duration::from_millis(1), Duration::from_millis(1500));
+        let acked = self
+            .connection
+            .wait(key, replicas, timeout)
+            .await
+            .map_err(StoreError::backend)?;
+        if acked < i64::from(replicas) {
+            return Err(StoreError::NotDurable(format!(
+                "{acked} of {replicas} Redis replicas acknowledged within {timeout:?}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Whether `token` still holds `key` on the master that answers now. A
+    /// `WAIT` that a retry sent to a new master, or over a new connection,
+    /// counts no write of this one: the lock must be found where it is.
+    async fn still_held(&self, name: &str, token: LockToken) -> Result<bool, StoreError> {
+        let mut get = redis::cmd("GET");
+        get.arg(name);
+        let value: Option<Vec<u8>> = self
+            .connection
+            .query(&get)
+            .await
+            .map_err(StoreError::backend)?;
+        Ok(value.is_some_and(|value| value::held_by(&value, token)))
+    }
+
+    /// The script half of `begin`, for a fenced record in flight.
+    async fn take_over(
+        &self,
+        name: &str,
+        lock: &[u8],
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        let mut invocation = self.scripts.begin.key(name);
+        invocation.arg(lock).arg(expiry_millis(lease));
+        let (state, response): (String, Vec<u8>) = self
+            .connection
+            .invoke(&invocation)
+            .await
+            .map_err(begin_failed)?;
+        Ok(match state.as_str() {
+            "acquired" => BeginOutcome::Acquired(token),
+            "recover" => BeginOutcome::Recover(token),
+            "mismatch" => BeginOutcome::Mismatch,
+            "in_flight" => BeginOutcome::InFlight,
+            "not_replayable" => BeginOutcome::NotReplayable,
+            "completed" => BeginOutcome::Completed(Bytes::from(response)),
+            // The script ran on the key: whatever it found there, it is
+            // not a reason to fail open.
+            _ => {
+                return Err(StoreError::Decode(DecodeError(
+                    "an unexpected answer from the Redis begin script",
+                )))
+            }
+        })
+    }
+
+    async fn held(
+        &self,
+        script: &Script,
+        key: &RecordKey,
+        args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
+    ) -> Result<(), StoreError> {
+        let mut invocation = script.key(self.key(key));
+        args(&mut invocation);
+        let done: i64 = self
+            .connection
+            .invoke(&invocation)
+            .await
+            .map_err(StoreError::backend)?;
+        if done == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LockLost)
+        }
+    }
+}
+
+/// A `begin` that reached the key and found what this store did not write
+/// (a value of another type, an answer of another shape) has seen the key:
+/// a decode error, which the layer never fails open on. Anything else is
+/// the backend's.
+fn begin_failed(err: redis::RedisError) -> StoreError {
+    if err.code() == Some("WRONGTYPE") || err.kind() == redis::ErrorKind::UnexpectedReturnType {
+        StoreError::Decode(DecodeError(
+            "a Redis key holding what this store did not write",
+        ))
+    } else {
+        StoreError::backend(err)
+    }
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn begin(
+        &self,
+        key: &RecordKey,
+        fingerprint: &Fingerprint,
+        lease: Duration,
+    ) -> Result<BeginOutcome, StoreError> {
+        let token = LockToken::random();
+        let name = self.key(key);
+        let lock = value::lock(fingerprint, token);
+        let mut set = redis::cmd("SET");
+        set.arg(&name)
+            .arg(&lock[..])
+            .arg("NX")
+            .arg("PX")
+            .arg(expiry_millis(lease))
+            .arg("GET");
+        let found: Option<Vec<u8>> = self.connection.query(&set).await.map_err(begin_failed)?;
+        let taken = match found
+            .map(|v| value::found(v, fingerprint, token))
+            .transpose()?
+        {
+            None | Some(Found::Ours { fenced: false }) => BeginOutcome::Acquired(token),
+            Some(Found::Ours { fenced: true }) => BeginOutcome::Recover(token),
+            Some(Found::Mismatch) => return Ok(BeginOutcome::Mismatch),
+            Some(Found::InFlight) => return Ok(BeginOutcome::InFlight),
+            Some(Found::NotReplayable) => return Ok(BeginOutcome::NotReplayable),
+            Some(Found::Completed(response)) => return Ok(BeginOutcome::Completed(response)),
+            Some(Found::Fenced) => match self.take_over(&name, &lock, token, lease).await? {
+                taken @ (BeginOutcome::Acquired(_) | BeginOutcome::Recover(_)) => taken,
+                answer => return Ok(answer),
+            },
+        };
+        if self.replica_acks.is_some() {
+            // Inside a third of the lease, which runs out while it waits.
+            let acked = match self.replicated(&name, lease / 3).await {
+                Ok(()) => self.still_held(&name, token).await,
+                Err(err) => Err(err),
+            };
+            if !matches!(acked, Ok(true)) {
+                // A lock the replicas may not have must not be run under.
+                let _ = self.release(key, token).await;
+                return Err(acked.err().unwrap_or_else(|| {
+                    StoreError::NotDurable("the lock was lost before it was acknowledged".into())
+                }));
+            }
+        }
+        Ok(taken)
+    }
+
+    async fn complete(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        outcome: Completion,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let (state, record) = match outcome {
+            Completion::Response(record) => ("c", record),
+            Completion::NotReplayable => ("n", Bytes::new()),
+        };
+        self.held(&self.scripts.complete, key, |script| {
+            script
+                .arg(&value::token_bytes(token)[..])
+                .arg(state)
+                .arg(&record[..])
+                .arg(expiry_millis(ttl));
+        })
+        .await?;
+        self.replicated(&self.key(key), ttl).await
+    }
+
+    async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        self.held(&self.scripts.release, key, |script| {
+            script.arg(&value::token_bytes(token)[..]);
+        })
+        .await
+    }
+
+    async fn fence(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let name = self.key(key);
+        let mut invocation = self.scripts.fence.key(&name);
+        invocation
+            .arg(&value::token_bytes(token)[..])
+            .arg(expiry_millis(ttl));
+        let fenced: i64 = self
+            .connection
+            .invoke(&invocation)
+            .await
+            .map_err(StoreError::backend)?;
+        match fenced {
+            1 => self.replicated(&name, ttl).await,
+            2 => Err(StoreError::EffectCommitted),
+            _ => Err(StoreError::LockLost),
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: LockToken,
+        lease: Duration,
+    ) -> Result<(), StoreError> {
+        self.held(&self.scripts.renew, key, |script| {
+            script
+                .arg(&value::token_bytes(token)[..])
+                .arg(expiry_millis(lease));
+        })
+        .await
+    }
+}
