@@ -10,8 +10,8 @@ mod scripts;
 mod steps;
 mod value;
 
-/// A [`Store`] on Redis or Redis Cluster, shared by every replica that
-/// connects to it.
+/// A [`Store`](super::Store) on Redis or Redis Cluster, shared by every
+/// replica that connects to it.
 ///
 /// Every record is one string key, and every operation one round trip on
 /// it (two for a `begin` that finds a fenced record in flight), so each is
