@@ -2,15 +2,16 @@
 //! the store, and answer a replay or a conflict without calling the inner
 //! service.
 
-use std::{future::Future, pin::Pin, sync::Arc, task::Poll, time::Duration};
+use std::{future::Future, sync::Arc, task::Poll, time::Duration};
 
+use bytes::Bytes;
 use http::{request, HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::{LengthLimitError, Limited};
 use tokio::time::Instant;
 use tower_service::Service;
 
-use super::{first_use::first_use, lock::LockGuard, shared::Shared};
+use super::{first_use::FirstUse, lock::LockGuard, shared::Shared};
 use crate::{
     body::{whole, Buffer, RequestBody, ResponseBody},
     key::{Fingerprint, RecordKey, IDEMPOTENT_REPLAYED},
@@ -27,9 +28,10 @@ type KeyedResult<B, E> = Result<Response<ResponseBody<B>>, E>;
 /// Buffers and fingerprints the request, then asks the store what to do.
 ///
 /// Written as a block rather than an `async fn`, whose state would hold
-/// each argument twice, and with the call's own future boxed apart: the
-/// state stays under the size that the allocator serves from its
-/// per-thread cache.
+/// each argument twice; the first use runs in a box of its own, a failed
+/// store's answer in another, and the request is only rebuilt where it is
+/// handed on. The state, boxed once per request, then stays under the
+/// 1 KiB up to which glibc's allocator serves it from a per-thread cache.
 #[expect(
     clippy::manual_async_fn,
     reason = "an async fn would keep each argument twice in its state"
@@ -79,7 +81,6 @@ where
             &config.fingerprint_headers,
             &config.body_fingerprint.bytes(&body),
         );
-        let req = Request::from_parts(parts, RequestBody::buffered(body));
 
         let deadline = match config.in_flight {
             InFlightPolicy::Wait(limit) => Some(Instant::now() + limit),
@@ -94,19 +95,31 @@ where
             let (decision, kind) = match begun {
                 Ok(BeginOutcome::Acquired(token)) => {
                     shared.metrics.record(Decision::Executed);
-                    return run_first_use(shared, inner, req, record, token, false).await;
+                    return run_first_use(
+                        shared,
+                        inner,
+                        rebuilt(parts, body),
+                        record,
+                        token,
+                        false,
+                    )
+                    .await;
                 }
                 Ok(BeginOutcome::Recover(token)) => {
                     shared.metrics.record(Decision::Recovered);
                     tracing::warn!(key = ?record, "recovering a key whose earlier holder fenced it and stored no response");
-                    return run_first_use(shared, inner, req, record, token, true).await;
+                    return run_first_use(shared, inner, rebuilt(parts, body), record, token, true)
+                        .await;
                 }
                 Ok(BeginOutcome::Completed(record)) => match StoredResponse::decode(record) {
                     Ok(stored) => {
                         shared.metrics.record(Decision::Replayed);
                         return Ok(replay(stored));
                     }
-                    Err(err) => return store_failed(&shared, inner, req, err.into()).await,
+                    Err(err) => {
+                        return Box::pin(store_failed(&shared, inner, parts, body, err.into()))
+                            .await
+                    }
                 },
                 Ok(BeginOutcome::InFlight) => match deadline {
                     Some(deadline) if Instant::now() + backoff < deadline => {
@@ -121,7 +134,7 @@ where
                 }
                 Ok(BeginOutcome::Mismatch) => (Decision::Mismatch, ProblemKind::KeyReused),
                 Err(StoreError::ScopeFull) => (Decision::Rejected, ProblemKind::TooManyKeys),
-                Err(err) => return store_failed(&shared, inner, req, err).await,
+                Err(err) => return Box::pin(store_failed(&shared, inner, parts, body, err)).await,
             };
             shared.metrics.record(decision);
             return Ok(whole(shared.problems.response(kind)));
@@ -129,9 +142,8 @@ where
     }
 }
 
-/// Runs the inner service for a key just taken, with its `Execution` in
-/// the request's extensions; boxed apart, so that the keyed future stays
-/// small for the paths that never call the inner service.
+/// Starts the inner service for a key just taken, with its `Execution` in
+/// the request's extensions.
 fn run_first_use<S, ReqBody, ResBody>(
     shared: Arc<Shared>,
     mut inner: S,
@@ -139,7 +151,7 @@ fn run_first_use<S, ReqBody, ResBody>(
     key: RecordKey,
     token: LockToken,
     recovery: bool,
-) -> Pin<Box<dyn Future<Output = KeyedResult<ResBody, S::Error>> + Send>>
+) -> FirstUse<ResBody, S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -153,7 +165,14 @@ where
     let execution = Execution::new(key, token, recovery, config.ttl, Arc::clone(&config.store));
     req.extensions_mut().insert(execution);
     let lock = LockGuard::new(shared, key, token);
-    Box::pin(first_use(Box::pin(inner.call(req)), lock))
+    FirstUse::new(inner.call(req), lock)
+}
+
+/// The request as the inner service gets it: its body is the bytes
+/// buffered for the fingerprint. Rebuilt only where it is handed on, so
+/// that the keyed future does not carry it beside its parts.
+fn rebuilt<B>(parts: request::Parts, body: Bytes) -> Request<RequestBody<B>> {
+    Request::from_parts(parts, RequestBody::buffered(body))
 }
 
 fn rejected<B>(shared: &Shared, kind: ProblemKind) -> Response<ResponseBody<B>> {
@@ -169,7 +188,8 @@ fn rejected<B>(shared: &Shared, kind: ProblemKind) -> Response<ResponseBody<B>> 
 async fn store_failed<S, ReqBody, ResBody>(
     shared: &Shared,
     mut inner: S,
-    req: Request<RequestBody<ReqBody>>,
+    parts: request::Parts,
+    body: Bytes,
     err: StoreError,
 ) -> KeyedResult<ResBody, S::Error>
 where
@@ -180,7 +200,7 @@ where
     if shared.config.store_failure == StoreFailure::FailOpen
         && matches!(err, StoreError::Backend(_))
     {
-        let response = Box::pin(inner.call(req)).await?;
+        let response = Box::pin(inner.call(rebuilt(parts, body))).await?;
         return Ok(response.map(ResponseBody::inner));
     }
     Ok(whole(match err {

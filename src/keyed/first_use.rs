@@ -1,10 +1,15 @@
 //! The first use of a key: the inner service's call, driven while the
 //! lock is held.
 
-use std::{future::Future, pin::Pin};
+use std::{
+    future::Future,
+    pin::Pin,
+    task::{ready, Context, Poll},
+};
 
 use http::Response;
 use http_body::Body;
+use pin_project_lite::pin_project;
 
 use super::{
     background::{finish_in_background, StoreWrite},
@@ -13,108 +18,152 @@ use super::{
 };
 use crate::{body::ResponseBody, policy::ClientDisconnect, BoxError};
 
-/// Drives the inner service's call for a held key, boxed by the caller so
-/// that neither it nor the request is carried in this future's state. The
-/// work runs inside the caller's own future and response body; only if the
-/// client goes away before the response is stored does the rest move to a
-/// task of its own (or, with [`ClientDisconnect::Cancel`], get dropped and
-/// the key released).
-pub(crate) async fn first_use<F, B, E>(
-    call: Pin<Box<F>>,
-    lock: LockGuard,
-) -> Result<Response<ResponseBody<B>>, E>
+type FirstUseResult<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+type BoxRun<B, E> = Pin<Box<dyn Future<Output = FirstUseResult<B, E>> + Send>>;
+
+/// The inner service's call for a held key, and the storing of its
+/// response, in one allocation with the call inside it. The work runs
+/// inside the caller's own future and response body; only if the client
+/// goes away before the response is stored does the rest move to a task of
+/// its own (or, with [`ClientDisconnect::Cancel`], get dropped and the key
+/// released).
+pub(crate) struct FirstUse<B, E> {
+    run: Option<BoxRun<B, E>>,
+    detach: bool,
+    /// Made where the bounds are known, since `Drop` cannot ask for them.
+    finish: fn(BoxRun<B, E>),
+}
+
+impl<B, E> FirstUse<B, E>
 where
-    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    E: Send + 'static,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
+    E: Send + 'static,
 {
-    let detach = lock.shared.config.on_disconnect == ClientDisconnect::Detach;
-    let mut pending = PendingCall {
-        call: Some(call),
-        lock: Some(lock),
-        detach,
-        finish: finish_call::<F, B, E>,
-    };
-    let result = std::future::poll_fn(|cx| match pending.call.as_mut() {
-        Some(call) => {
-            let poll = call.as_mut().poll(cx);
-            if poll.is_pending() {
-                if let Some(lock) = pending.lock.as_mut() {
-                    lock.keep_alive();
-                }
-            }
-            poll
-        }
-        None => unreachable!("the call is only taken once it is done"),
-    })
-    .await;
-    pending.call = None;
-    let lock = pending
-        .lock
-        .take()
-        .expect("the lock stays until the call is done");
-    match result {
-        Ok(response) => {
-            let (response, write) = respond(response, lock);
-            write.await;
-            Ok(response)
-        }
-        Err(err) => {
-            StoreWrite::new(lock.release()).await;
-            Err(err)
+    pub(crate) fn new<F>(call: F, lock: LockGuard) -> Self
+    where
+        F: Future<Output = Result<Response<B>, E>> + Send + 'static,
+    {
+        let detach = lock.shared.config.on_disconnect == ClientDisconnect::Detach;
+        Self {
+            run: Some(Box::pin(Run::Calling {
+                call,
+                lock: Some(lock),
+            })),
+            detach,
+            finish: finish::<B, E>,
         }
     }
 }
 
-/// The inner service's future for a held key, until it yields the response
-/// head. Dropped early (the client hung up), it finishes in a task of its
-/// own so the response is still stored, unless the policy is to cancel or
-/// the drop comes from a panic.
-struct PendingCall<F> {
-    call: Option<Pin<Box<F>>>,
-    lock: Option<LockGuard>,
-    detach: bool,
-    /// Made where the bounds are known, since `Drop` cannot ask for them.
-    finish: fn(Pin<Box<F>>, LockGuard),
+impl<B, E> Future for FirstUse<B, E> {
+    type Output = FirstUseResult<B, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let run = self.run.as_mut().expect("FirstUse polled after completion");
+        let output = std::task::ready!(run.as_mut().poll(cx));
+        self.run = None;
+        Poll::Ready(output)
+    }
 }
 
-/// Runs an abandoned call to its end from a task, and stores its response.
-fn finish_call<F, B, E>(call: Pin<Box<F>>, mut lock: LockGuard)
+pin_project! {
+    /// The call, renewing the lease while it waits, then the store write of
+    /// its response (or the release of the key if it failed), awaited
+    /// before the response is handed back so that no retry can overtake it.
+    #[project = RunProj]
+    enum Run<F, B, E> {
+        Calling { #[pin] call: F, lock: Option<LockGuard> },
+        Storing { response: Option<Response<ResponseBody<B>>>, write: StoreWrite },
+        Releasing { err: Option<E>, write: StoreWrite },
+        Done,
+    }
+}
+
+impl<F, B, E> Future for Run<F, B, E>
 where
-    F: Future<Output = Result<Response<B>, E>> + Send + 'static,
-    E: Send,
+    F: Future<Output = Result<Response<B>, E>>,
     B: Body + Send + 'static,
     B::Data: Send,
     B::Error: Into<BoxError>,
 {
-    let rest = async move {
-        lock.keep_alive();
-        match call.await {
-            Ok(response) => {
-                let (response, write) = respond(response, lock);
-                write.await;
-                // Only a body being stored needs reading; nobody reads the
-                // rest of one that is not.
-                if let Some(capture) = response.into_body().into_capture() {
-                    capture.read_to_end().await;
+    type Output = FirstUseResult<B, E>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project() {
+                RunProj::Calling { call, lock } => {
+                    let Poll::Ready(result) = call.poll(cx) else {
+                        if let Some(lock) = lock {
+                            lock.keep_alive();
+                        }
+                        return Poll::Pending;
+                    };
+                    let lock = lock.take().expect("the lock stays until the call is done");
+                    match result {
+                        Ok(response) => {
+                            let (response, write) = respond(response, lock);
+                            Run::Storing {
+                                response: Some(response),
+                                write,
+                            }
+                        }
+                        Err(err) => Run::Releasing {
+                            err: Some(err),
+                            write: StoreWrite::new(lock.release()),
+                        },
+                    }
                 }
+                RunProj::Storing { response, write } => {
+                    ready!(Pin::new(write).poll(cx));
+                    let response = response.take().expect("stored once");
+                    self.set(Run::Done);
+                    return Poll::Ready(Ok(response));
+                }
+                RunProj::Releasing { err, write } => {
+                    ready!(Pin::new(write).poll(cx));
+                    let err = err.take().expect("released once");
+                    self.set(Run::Done);
+                    return Poll::Ready(Err(err));
+                }
+                RunProj::Done => panic!("first use polled after completion"),
+            };
+            self.set(next);
+        }
+    }
+}
+
+/// Runs an abandoned first use to its end from a task, and reads the rest
+/// of a body being stored.
+fn finish<B, E>(run: BoxRun<B, E>)
+where
+    B: Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    E: Send + 'static,
+{
+    let rest = async move {
+        // Only a body being stored needs reading; nobody reads the rest of
+        // one that is not.
+        if let Ok(response) = run.await {
+            if let Some(capture) = response.into_body().into_capture() {
+                capture.read_to_end().await;
             }
-            Err(_) => lock.release().await,
         }
     };
-    // Without a runtime the call is dropped, and its lock released.
+    // Without a runtime the run is dropped, and its lock released.
     let _ = finish_in_background(rest);
 }
 
-impl<F> Drop for PendingCall<F> {
+impl<B, E> Drop for FirstUse<B, E> {
     fn drop(&mut self) {
-        let (Some(call), Some(lock)) = (self.call.take(), self.lock.take()) else {
+        let Some(run) = self.run.take() else {
             return;
         };
         if self.detach && !std::thread::panicking() {
-            (self.finish)(call, lock);
+            (self.finish)(run);
         }
     }
 }

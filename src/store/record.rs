@@ -77,10 +77,11 @@ impl StoredResponse {
         bytes.advance(MAGIC.len());
         let status = StatusCode::from_u16(take_u16(&mut bytes)?)
             .map_err(|_| DecodeError("invalid status code"))?;
-        let headers = take_map(&mut bytes)?;
+        // Room for one header more: a replay adds its own.
+        let headers = take_map(&mut bytes, 1)?;
         let trailers = match take_u8(&mut bytes)? {
             0 => None,
-            1 => Some(take_map(&mut bytes)?),
+            1 => Some(take_map(&mut bytes, 0)?),
             _ => return Err(DecodeError("invalid trailer flag")),
         };
         let len = take_len(&mut bytes)?;
@@ -195,9 +196,9 @@ fn put_fields<'a>(
     }
 }
 
-fn take_map(bytes: &mut Bytes) -> Result<HeaderMap, DecodeError> {
+fn take_map(bytes: &mut Bytes, spare: usize) -> Result<HeaderMap, DecodeError> {
     let count = take_u32(bytes)? as usize;
-    let mut map = HeaderMap::with_capacity(count.min(64));
+    let mut map = HeaderMap::with_capacity(count.min(64) + spare);
     for _ in 0..count {
         let name = take_field(bytes)?;
         let value = take_field(bytes)?;
