@@ -9,12 +9,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use http::{Request, StatusCode};
+use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use sha2::{Digest, Sha256};
 
 mod common;
-use common::{drain, handler, request};
+use common::{drain, handler, keyed};
 use tower::{Layer, Service, ServiceExt};
 use tower_idempotency::IdempotencyLayer;
 
@@ -70,7 +70,7 @@ fn paths(c: &mut Criterion) {
                     n,
                     tower::service_fn(handler::<Full<Bytes>>),
                     none(),
-                    |_| request(None, &body)
+                    |i: u64| keyed(i, &body)
                 )
             })
         });
@@ -81,7 +81,12 @@ fn paths(c: &mut Criterion) {
                     n,
                     layer().layer(tower::service_fn(handler)),
                     none(),
-                    |_| request(None, &body)
+                    // A method the layer leaves alone, with a key.
+                    |i: u64| {
+                        let mut req = keyed(i, &body);
+                        *req.method_mut() = Method::GET;
+                        req
+                    }
                 )
             })
         });
@@ -92,7 +97,7 @@ fn paths(c: &mut Criterion) {
                     n,
                     layer().layer(tower::service_fn(handler)),
                     none(),
-                    |i: u64| { request(Some(&format!("key-{i}")), &body) }
+                    |i: u64| keyed(i, &body)
                 )
             })
         });
@@ -102,8 +107,8 @@ fn paths(c: &mut Criterion) {
                     rt,
                     n,
                     layer().layer(tower::service_fn(handler)),
-                    [request(Some("k"), &body)],
-                    |_| { request(Some("k"), &body) }
+                    [keyed(0, &body)],
+                    |_| keyed(0, &body)
                 )
             })
         });
@@ -113,8 +118,8 @@ fn paths(c: &mut Criterion) {
                     rt,
                     n,
                     layer().layer(tower::service_fn(handler)),
-                    [request(Some("k"), &body)],
-                    |_| { request(Some("k"), &other) }
+                    [keyed(0, &body)],
+                    |_| keyed(0, &other)
                 )
             })
         });
@@ -135,13 +140,13 @@ fn paths(c: &mut Criterion) {
                         }
                     });
                     let svc = layer().layer(stuck);
-                    let mut hang = request(Some("k"), &body);
+                    let mut hang = keyed(0, &body);
                     *hang.uri_mut() = "/hang".parse().unwrap();
                     let holder = tokio::spawn(svc.clone().oneshot(hang));
                     holding.notified().await;
                     let start = Instant::now();
                     for _ in 0..n {
-                        let mut req = request(Some("k"), &body);
+                        let mut req = keyed(0, &body);
                         *req.uri_mut() = "/hang".parse().unwrap();
                         let response = svc.clone().oneshot(req).await.unwrap();
                         assert_eq!(response.status(), StatusCode::CONFLICT);

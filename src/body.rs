@@ -108,7 +108,8 @@ pin_project! {
     #[project = ResponseProj]
     enum ResponseKind<B> {
         Inner { #[pin] body: B },
-        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        // Trailers are rare: boxed, they keep every response small to move.
+        Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
         // Boxed: the capture state is several hundred bytes, and every
         // response is moved up through a few futures on its way out.
         Capturing { state: Box<CaptureState<B>> },
@@ -126,7 +127,7 @@ impl<B> ResponseBody<B> {
         Self {
             kind: ResponseKind::Full {
                 data: (!data.is_empty()).then_some(data),
-                trailers,
+                trailers: trailers.map(Box::new),
             },
         }
     }
@@ -172,7 +173,7 @@ where
             ResponseProj::Inner { body } => poll_mapped(body, cx),
             ResponseProj::Full { data, trailers } => Poll::Ready(match data.take() {
                 Some(data) => Some(Ok(Frame::data(data))),
-                None => trailers.take().map(|t| Ok(Frame::trailers(t))),
+                None => trailers.take().map(|t| Ok(Frame::trailers(*t))),
             }),
             ResponseProj::Capturing { state } => state.poll_frame(cx),
         }
