@@ -157,6 +157,65 @@ async fn handler_panic_propagates_and_releases_the_key() {
     assert_eq!(runs.load(Ordering::SeqCst), 2);
 }
 
+/// A call that panics when first polled and answers if polled again, as a
+/// call future resumed after its panic might.
+struct PanicsThenAnswers {
+    polled: bool,
+}
+
+impl std::future::Future for PanicsThenAnswers {
+    type Output = Result<Response<Full<Bytes>>, Infallible>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        if !std::mem::replace(&mut self.polled, true) {
+            panic!("handler bug");
+        }
+        std::task::Poll::Ready(Ok(Response::new(Full::new(Bytes::from_static(
+            b"resumed after its panic",
+        )))))
+    }
+}
+
+#[tokio::test]
+async fn a_panic_caught_above_the_layer_releases_the_key_and_nothing_runs_on() {
+    type Call = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send>,
+    >;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let runs = Arc::clone(&runs);
+        service_fn(move |_: Request<RequestBody<Full<Bytes>>>| -> Call {
+            if runs.fetch_add(1, Ordering::SeqCst) == 0 {
+                return Box::pin(PanicsThenAnswers { polled: false });
+            }
+            Box::pin(async { Ok(Response::new(Full::new(Bytes::from_static(b"second run")))) })
+        })
+    };
+    let svc = app(
+        &IdempotencyLayer::default(),
+        tower::util::BoxCloneSyncService::new(handler),
+    );
+    // What a panic-catching layer above this one does: the panic is caught
+    // where the future is polled, and the future is dropped afterwards.
+    let mut call = svc.clone().oneshot(post("/payments", Some(KEY), "{}"));
+    let caught = std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(std::panic::catch_unwind(std::panic::AssertUnwindSafe(
+            || std::future::Future::poll(std::pin::Pin::new(&mut call), cx),
+        )))
+    })
+    .await;
+    assert!(caught.is_err(), "the handler's panic reaches the caller");
+    drop(call);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let (retry, body) = read(send(&svc, post("/payments", Some(KEY), "{}")).await).await;
+    assert_eq!(retry.status, StatusCode::OK);
+    assert_eq!(body, "second run");
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn service_error_is_returned_and_releases_the_key() {
     let runs = Arc::new(AtomicUsize::new(0));

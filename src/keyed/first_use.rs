@@ -1,5 +1,5 @@
 //! The first use of a key: the inner service's call, driven while the
-//! lock is held.
+//! lock is held, and the store write of its response.
 
 use std::{
     future::Future,
@@ -26,8 +26,9 @@ type BoxRun<B, E> = Pin<Box<dyn Future<Output = FirstUseResult<B, E>> + Send>>;
 /// response, in one allocation with the call inside it. The work runs
 /// inside the caller's own future and response body; only if the client
 /// goes away before the response is stored does the rest move to a task of
-/// its own (or, with [`ClientDisconnect::Cancel`], get dropped and the key
-/// released).
+/// its own. With [`ClientDisconnect::Cancel`] a call still running is
+/// dropped instead and the key released; once the handler has answered,
+/// its store write lands whatever the policy.
 pub(crate) struct FirstUse<B, E> {
     run: Option<BoxRun<B, E>>,
     detach: bool,
@@ -63,7 +64,7 @@ impl<B, E> Future for FirstUse<B, E> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let run = self.run.as_mut().expect("FirstUse polled after completion");
-        let output = std::task::ready!(run.as_mut().poll(cx));
+        let output = ready!(run.as_mut().poll(cx));
         self.run = None;
         Poll::Ready(output)
     }
@@ -102,6 +103,9 @@ where
                         return Poll::Pending;
                     };
                     let lock = lock.take().expect("the lock stays until the call is done");
+                    // The call goes before its response is looked at: what
+                    // it still holds (a permit, a body's sender) is let go.
+                    self.set(Run::Done);
                     match result {
                         Ok(response) => {
                             let (response, write) = respond(response, lock);
@@ -153,7 +157,7 @@ where
             }
         }
     };
-    // Without a runtime the run is dropped, and its lock released.
+    // Without a runtime the run is dropped, and its lease bounds the key.
     let _ = finish_in_background(rest);
 }
 
@@ -162,6 +166,8 @@ impl<B, E> Drop for FirstUse<B, E> {
         let Some(run) = self.run.take() else {
             return;
         };
+        // A panic out of the call unwinds through the keyed future that
+        // awaits this one, which drops it then: it is never run on.
         if self.detach && !std::thread::panicking() {
             (self.finish)(run);
         }

@@ -2,8 +2,9 @@
 //!
 //! - [`decide`]: buffers and fingerprints the request, asks the store, and
 //!   answers a replay or a conflict without calling the inner service;
-//! - [`first_use`]: drives the inner call for a key just acquired, and
-//!   moves it to a task if the client goes away;
+//! - [`first_use`]: drives the inner call for a key just acquired and the
+//!   store write of its response, and moves them to a task if the client
+//!   goes away;
 //! - [`respond`]: decides from the response head what is stored, and
 //!   stores a whole body at once or hands a streaming one to the capture;
 //! - [`capture`]: the response body that streams to the client while a
