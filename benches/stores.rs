@@ -121,44 +121,113 @@ mod real {
     /// One call of a step, as a future of its own.
     type Step<'a> = Box<dyn FnMut() -> Pin<Box<dyn Future<Output = ()> + Send>> + 'a>;
 
+    /// A step of a store and the same step of its raw client.
+    struct Pair<'a> {
+        step: &'static str,
+        /// The criterion rows: the store's, then the raw client's.
+        rows: [&'static str; 2],
+        ours: Step<'a>,
+        raw: Step<'a>,
+    }
+
     /// A Redis store's first use and replay, each beside the raw client's.
-    fn redis_steps<'a, C>(
+    fn redis_pairs<'a, C>(
         store: &'a RedisStore,
         raw: &'a C,
         encoded: &'a Bytes,
         key: &'a dyn Fn(u64) -> RecordKey,
         fresh: &'a AtomicU64,
         hot: RecordKey,
-    ) -> Vec<(&'static str, Step<'a>, Step<'a>)>
+    ) -> Vec<Pair<'a>>
     where
         C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
     {
         vec![
-            (
-                "first use",
-                Box::new(move || {
+            Pair {
+                step: "first use",
+                rows: ["first_use", "raw_set_nx_then_set"],
+                ours: Box::new(move || {
                     let (store, encoded) = (store.clone(), encoded.clone());
                     let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                     Box::pin(async move { first_use(&store, &k, encoded).await })
                 }),
-                Box::new(move || {
+                raw: Box::new(move || {
                     let (mut conn, encoded) = (raw.clone(), encoded.clone());
                     let k = key(fresh.fetch_add(1, Ordering::Relaxed));
                     Box::pin(async move { raw_first_use(&mut conn, &k, &encoded).await })
                 }),
-            ),
-            (
-                "replay",
-                Box::new(move || {
+            },
+            Pair {
+                step: "replay",
+                rows: ["replay", "raw_get"],
+                ours: Box::new(move || {
                     let store = store.clone();
                     Box::pin(async move { replay(&store, &hot).await })
                 }),
-                Box::new(move || {
+                raw: Box::new(move || {
                     let mut conn = raw.clone();
                     Box::pin(async move { raw_get(&mut conn).await })
                 }),
-            ),
+            },
         ]
+    }
+
+    /// A PostgreSQL store's first use and replay, each beside raw sqlx's.
+    fn postgres_pairs<'a>(
+        store: &'a PostgresStore,
+        pool: &'a sqlx::PgPool,
+        encoded: &'a Bytes,
+        key: &'a dyn Fn(u64) -> RecordKey,
+        fresh: &'a AtomicU64,
+        hot: RecordKey,
+    ) -> Vec<Pair<'a>> {
+        vec![
+            Pair {
+                step: "first use",
+                rows: ["first_use", "raw_insert_then_update"],
+                ours: Box::new(move || {
+                    let (store, encoded) = (store.clone(), encoded.clone());
+                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                    Box::pin(async move { first_use(&store, &k, encoded).await })
+                }),
+                raw: Box::new(move || {
+                    let (pool, encoded) = (pool.clone(), encoded.clone());
+                    let k = key(fresh.fetch_add(1, Ordering::Relaxed));
+                    Box::pin(async move { raw_insert_then_update(&pool, &k, &encoded).await })
+                }),
+            },
+            Pair {
+                step: "replay",
+                rows: ["replay", "raw_select"],
+                ours: Box::new(move || {
+                    let store = store.clone();
+                    Box::pin(async move { replay(&store, &hot).await })
+                }),
+                raw: Box::new(move || {
+                    let pool = pool.clone();
+                    Box::pin(async move { raw_select(&pool, &hot).await })
+                }),
+            },
+        ]
+    }
+
+    type Group<'g> = criterion::BenchmarkGroup<'g, criterion::measurement::WallTime>;
+
+    /// The criterion row of each side of each pair, named `{prefix}/{row}`.
+    fn rows(
+        group: &mut Group<'_>,
+        rt: &tokio::runtime::Runtime,
+        in_flight: usize,
+        prefix: &str,
+        pairs: &mut [Pair<'_>],
+    ) {
+        for pair in pairs {
+            for (row, step) in pair.rows.into_iter().zip([&mut pair.ours, &mut pair.raw]) {
+                group.bench_function(format!("{prefix}/{row}"), |b| {
+                    b.iter_custom(|n| time(rt, n, in_flight, |_| step()))
+                });
+            }
+        }
     }
 
     /// Each step of a store against the same step of its raw client,
@@ -172,7 +241,7 @@ mod real {
         store: &str,
         in_flight: usize,
         calls: u64,
-        steps: Vec<(&str, Step<'_>, Step<'_>)>,
+        pairs: &mut [Pair<'_>],
         redis: Option<&redis::aio::MultiplexedConnection>,
     ) {
         let measure = |step: &mut Step<'_>| {
@@ -189,11 +258,17 @@ mod real {
             values.sort_by(f64::total_cmp);
             values[values.len() / 2]
         };
-        for (name, mut ours, mut raw) in steps {
+        for Pair {
+            step: name,
+            ours,
+            raw,
+            ..
+        } in pairs
+        {
             let (mut rounds, mut raw_rounds) = (Vec::new(), Vec::new());
             for _ in 0..5 {
-                rounds.push(measure(&mut ours));
-                raw_rounds.push(measure(&mut raw));
+                rounds.push(measure(ours));
+                raw_rounds.push(measure(raw));
             }
             let [(time, cpu), (raw_time, raw_cpu)] = [rounds, raw_rounds].map(|rounds| {
                 let (times, cpus): (Vec<f64>, Vec<f64>) = rounds.into_iter().unzip();
@@ -471,24 +546,6 @@ mod real {
             group.throughput(Throughput::Elements(1));
             group.sample_size(20);
 
-            group.bench_function("redis/first_use", |b| {
-                b.iter_custom(|n| {
-                    time(&rt, n, in_flight, |_| {
-                        let (store, encoded) = (redis_store.clone(), encoded.clone());
-                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                        async move { first_use(&store, &k, encoded).await }
-                    })
-                })
-            });
-            group.bench_function("redis/raw_set_nx_then_set", |b| {
-                b.iter_custom(|n| {
-                    time(&rt, n, in_flight, |_| {
-                        let (mut conn, encoded) = (raw_redis.clone(), encoded.clone());
-                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                        async move { raw_first_use(&mut conn, &k, &encoded).await }
-                    })
-                })
-            });
             let hot = key(u64::MAX);
             rt.block_on(async {
                 // Left from an earlier run, the hot key is already completed.
@@ -507,76 +564,12 @@ mod real {
                     .unwrap();
             });
             let calls = if in_flight == 1 { 500 } else { 4_000 };
-            let redis_steps = redis_steps(&redis_store, &raw_redis, &encoded, &key, fresh, hot);
-            interleaved(
-                &rt,
-                "Redis",
-                in_flight,
-                calls,
-                redis_steps,
-                Some(&raw_redis),
-            );
-            let postgres_steps: Vec<(&str, Step<'_>, Step<'_>)> = vec![
-                (
-                    "first use",
-                    Box::new(|| {
-                        let (store, encoded) = (pg_store.clone(), encoded.clone());
-                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                        Box::pin(async move { first_use(&store, &k, encoded).await })
-                    }),
-                    Box::new(|| {
-                        let (pool, encoded) = (pool.clone(), encoded.clone());
-                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                        Box::pin(async move { raw_insert_then_update(&pool, &k, &encoded).await })
-                    }),
-                ),
-                (
-                    "replay",
-                    Box::new(|| {
-                        let store = pg_store.clone();
-                        Box::pin(async move { replay(&store, &hot).await })
-                    }),
-                    Box::new(|| {
-                        let pool = pool.clone();
-                        Box::pin(async move { raw_select(&pool, &hot).await })
-                    }),
-                ),
-            ];
-            interleaved(&rt, "PostgreSQL", in_flight, calls, postgres_steps, None);
-            group.bench_function("redis/replay", |b| {
-                b.iter_custom(|n| {
-                    time(&rt, n, in_flight, |_| {
-                        let store = redis_store.clone();
-                        async move { replay(&store, &hot).await }
-                    })
-                })
-            });
-            group.bench_function("redis/raw_get", |b| {
-                b.iter_custom(|n| {
-                    time(&rt, n, in_flight, |_| {
-                        let mut conn = raw_redis.clone();
-                        async move { raw_get(&mut conn).await }
-                    })
-                })
-            });
-            group.bench_function("postgres/first_use", |b| {
-                b.iter_custom(|n| {
-                    time(&rt, n, in_flight, |_| {
-                        let (store, encoded) = (pg_store.clone(), encoded.clone());
-                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                        async move { first_use(&store, &k, encoded).await }
-                    })
-                })
-            });
-            group.bench_function("postgres/raw_insert_then_update", |b| {
-                b.iter_custom(|n| {
-                    time(&rt, n, in_flight, |_| {
-                        let (pool, encoded) = (pool.clone(), encoded.clone());
-                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                        async move { raw_insert_then_update(&pool, &k, &encoded).await }
-                    })
-                })
-            });
+            let mut pairs = redis_pairs(&redis_store, &raw_redis, &encoded, &key, fresh, hot);
+            rows(&mut group, &rt, in_flight, "redis", &mut pairs);
+            interleaved(&rt, "Redis", in_flight, calls, &mut pairs, Some(&raw_redis));
+            let mut pairs = postgres_pairs(&pg_store, &pool, &encoded, &key, fresh, hot);
+            rows(&mut group, &rt, in_flight, "postgres", &mut pairs);
+            interleaved(&rt, "PostgreSQL", in_flight, calls, &mut pairs, None);
             // A first use whose handler commits an effect, through the whole
             // layer: the fence is one more statement in the handler's
             // transaction.
@@ -606,22 +599,6 @@ mod real {
                     })
                 });
             }
-            group.bench_function("postgres/replay", |b| {
-                b.iter_custom(|n| {
-                    time(&rt, n, in_flight, |_| {
-                        let store = pg_store.clone();
-                        async move { replay(&store, &hot).await }
-                    })
-                })
-            });
-            group.bench_function("postgres/raw_select", |b| {
-                b.iter_custom(|n| {
-                    time(&rt, n, in_flight, |_| {
-                        let pool = pool.clone();
-                        async move { raw_select(&pool, &hot).await }
-                    })
-                })
-            });
             if let Ok(nodes) = std::env::var("TEST_REDIS_CLUSTER_URLS") {
                 cluster(&mut group, &rt, in_flight, &nodes, &encoded, &key, fresh);
             }
@@ -633,7 +610,7 @@ mod real {
     /// client doing the same reads and writes, and the cost of waiting for
     /// a replica to acknowledge each write.
     fn cluster(
-        group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+        group: &mut Group<'_>,
         rt: &tokio::runtime::Runtime,
         in_flight: usize,
         nodes: &str,
@@ -655,26 +632,12 @@ mod real {
             (store, raw)
         });
         let acked = store.clone().with_replica_acks(1, Duration::from_secs(1));
-        for (name, store) in [
-            ("redis_cluster/first_use", &store),
-            ("redis_cluster/first_use_with_replica_acks", &acked),
-        ] {
-            group.bench_function(name, |b| {
-                b.iter_custom(|n| {
-                    time(rt, n, in_flight, |_| {
-                        let (store, encoded) = (store.clone(), encoded.clone());
-                        let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                        async move { first_use(&store, &k, encoded).await }
-                    })
-                })
-            });
-        }
-        group.bench_function("redis_cluster/raw_set_nx_then_set", |b| {
+        group.bench_function("redis_cluster/first_use_with_replica_acks", |b| {
             b.iter_custom(|n| {
                 time(rt, n, in_flight, |_| {
-                    let (mut conn, encoded) = (raw.clone(), encoded.clone());
+                    let (store, encoded) = (acked.clone(), encoded.clone());
                     let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                    async move { raw_first_use(&mut conn, &k, &encoded).await }
+                    async move { first_use(&store, &k, encoded).await }
                 })
             })
         });
@@ -695,24 +658,9 @@ mod real {
                 .unwrap();
         });
         let calls = if in_flight == 1 { 500 } else { 4_000 };
-        let steps = redis_steps(&store, &raw, encoded, key, fresh, hot);
-        interleaved(rt, "Redis Cluster", in_flight, calls, steps, None);
-        group.bench_function("redis_cluster/replay", |b| {
-            b.iter_custom(|n| {
-                time(rt, n, in_flight, |_| {
-                    let store = store.clone();
-                    async move { replay(&store, &hot).await }
-                })
-            })
-        });
-        group.bench_function("redis_cluster/raw_get", |b| {
-            b.iter_custom(|n| {
-                time(rt, n, in_flight, |_| {
-                    let mut conn = raw.clone();
-                    async move { raw_get(&mut conn).await }
-                })
-            })
-        });
+        let mut pairs = redis_pairs(&store, &raw, encoded, key, fresh, hot);
+        rows(group, rt, in_flight, "redis_cluster", &mut pairs);
+        interleaved(rt, "Redis Cluster", in_flight, calls, &mut pairs, None);
     }
 }
 
