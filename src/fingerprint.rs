@@ -173,11 +173,24 @@ fn write_number(n: &serde_json::Number, out: &mut Vec<u8>) {
     let Some(f) = n.as_f64() else {
         return;
     };
-    let _ = if f.fract() == 0.0 && f.abs() < 1e21 {
-        write!(out, "{f:.0}")
-    } else {
+    let _ = if f.fract() != 0.0 || f.abs() >= 1e21 {
         write!(out, "{f:e}")
+    } else if f.abs() < TWO_TO_THE_63 && !is_negative_zero(f) {
+        // The digits `{f:.0}` prints, without the exact float formatting
+        // behind it, which costs more than the rest of a small document:
+        // below 2^63 an integral double converts to an `i64` exactly.
+        write!(out, "{}", f as i64)
+    } else {
+        write!(out, "{f:.0}")
     };
+}
+
+const TWO_TO_THE_63: f64 = 9_223_372_036_854_775_808.0;
+
+/// `-0.0`, which `{:.0}` prints as `-0`: it keeps its text, so that a
+/// document fingerprints as it did.
+fn is_negative_zero(f: f64) -> bool {
+    f == 0.0 && f.is_sign_negative()
 }
 
 #[cfg(test)]
@@ -213,6 +226,43 @@ mod tests {
             canonical_text("0.5", &fingerprint),
             canonical_text("0.25", &fingerprint)
         );
+    }
+
+    fn number_text(f: f64) -> String {
+        let mut out = Vec::new();
+        write_number(&serde_json::Number::from_f64(f).unwrap(), &mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn integral_numbers_at_the_edges_have_the_text_of_exact_formatting() {
+        let below_two_to_the_63 = TWO_TO_THE_63 - 1024.0;
+        for f in [
+            0.0,
+            -0.0,
+            1.0,
+            -1.0,
+            9_007_199_254_740_993.0,
+            below_two_to_the_63,
+            -below_two_to_the_63,
+            TWO_TO_THE_63,
+            -TWO_TO_THE_63,
+            9.999_999_999_999_999e20,
+        ] {
+            assert_eq!(number_text(f), format!("{f:.0}"), "{f:e}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn an_integral_number_has_the_text_of_exact_formatting(
+            mantissa in proptest::num::i64::ANY,
+            scale in 0..9i32,
+        ) {
+            let f = mantissa as f64 * f64::powi(2.0, scale);
+            proptest::prop_assume!(f.abs() < 1e21);
+            proptest::prop_assert_eq!(number_text(f), format!("{f:.0}"));
+        }
     }
 
     #[test]
