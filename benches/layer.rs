@@ -1,5 +1,6 @@
 //! Layer overhead on the memory store, per path and body size, against the
-//! same handler without the layer; and SHA-256 throughput.
+//! same handler without the layer; SHA-256 throughput; and canonical JSON
+//! written as it is parsed against written from a parsed tree.
 //!
 //! `cargo bench --bench layer`; BENCHMARKS.md records the ratios.
 // criterion's macros generate undocumented public functions.
@@ -16,7 +17,7 @@ use sha2::{Digest, Sha256};
 mod common;
 use common::{drain, handler, keyed};
 use tower::{Layer, Service, ServiceExt};
-use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::{fingerprint::BodyFingerprint, IdempotencyLayer};
 
 const SIZES: [(&str, usize); 4] = [
     ("0B", 0),
@@ -174,9 +175,34 @@ fn hashing(c: &mut Criterion) {
     group.finish();
 }
 
+/// `CanonicalJson` writes the form as it parses; `CanonicalJsonExcept`
+/// builds the tree to cut members from, so with a pointer that names
+/// nothing it writes the same text from the tree.
+fn canonical_json(c: &mut Criterion) {
+    let payment = br#"{"amount": 1000, "currency": "EUR", "description": "load test"}"#.to_vec();
+    let item = r#"{"sku": "A-1002", "name": "Tea, green \u00e9", "quantity": 2, "price": 4.5, "tags": ["food", "dry"]}"#;
+    let order = format!(
+        r#"{{"customer": {{"id": 81723, "email": "a@example.com"}}, "items": [{}], "note": null, "gift": false}}"#,
+        [item; 9].join(", ")
+    )
+    .into_bytes();
+    let mut group = c.benchmark_group("canonical_json");
+    for (label, body) in [("payment", &payment), ("order_1KiB", &order)] {
+        for (way, fingerprint) in [
+            ("streamed", BodyFingerprint::canonical_json()),
+            ("tree", BodyFingerprint::canonical_json_except(["/none"])),
+        ] {
+            group.bench_function(format!("{way}/{label}"), |b| {
+                b.iter(|| fingerprint.bytes(body).len())
+            });
+        }
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
-    targets = paths, hashing
+    targets = paths, hashing, canonical_json
 }
 criterion_main!(benches);

@@ -4,6 +4,8 @@ use std::{borrow::Cow, fmt, sync::Arc};
 
 use serde_json::Value;
 
+mod streamed;
+
 /// A function from a request body to the bytes its fingerprint covers.
 pub type BodyFn = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
 
@@ -91,6 +93,11 @@ impl fmt::Debug for BodyFingerprint {
 }
 
 fn canonical<'a>(body: &'a [u8], excluded: &[String]) -> Cow<'a, [u8]> {
+    if excluded.is_empty() {
+        if let Some(out) = streamed::canonical(body) {
+            return Cow::Owned(out);
+        }
+    }
     let Ok(mut document) = serde_json::from_slice::<Value>(body) else {
         return Cow::Borrowed(body);
     };
@@ -263,6 +270,115 @@ mod tests {
             proptest::prop_assume!(f.abs() < 1e21);
             proptest::prop_assert_eq!(number_text(f), format!("{f:.0}"));
         }
+    }
+
+    fn from_the_tree(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        write(&serde_json::from_slice(body).unwrap(), &mut out);
+        out
+    }
+
+    #[derive(Debug, Clone)]
+    enum Document {
+        Null,
+        Bool(bool),
+        Integer(i64),
+        Float(f64),
+        Text(String),
+        List(Vec<Document>),
+        Members(Vec<(String, Document)>),
+    }
+
+    impl Document {
+        fn text(&self, out: &mut String) {
+            match self {
+                Self::Null => out.push_str("null"),
+                Self::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+                Self::Integer(n) => out.push_str(&n.to_string()),
+                Self::Float(f) => out.push_str(&format!("{f:?}")),
+                Self::Text(s) => out.push_str(&serde_json::to_string(s).unwrap()),
+                Self::List(items) => {
+                    out.push_str("[ ");
+                    for (i, item) in items.iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(" ,");
+                        }
+                        item.text(out);
+                    }
+                    out.push(']');
+                }
+                Self::Members(members) => {
+                    out.push('{');
+                    for (i, (key, member)) in members.iter().enumerate() {
+                        if i > 0 {
+                            out.push_str(",\n");
+                        }
+                        out.push_str(&serde_json::to_string(key).unwrap());
+                        out.push_str(" : ");
+                        member.text(out);
+                    }
+                    out.push('}');
+                }
+            }
+        }
+    }
+
+    fn documents() -> impl proptest::strategy::Strategy<Value = Document> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(Document::Null),
+            any::<bool>().prop_map(Document::Bool),
+            any::<i64>().prop_map(Document::Integer),
+            any::<f64>()
+                .prop_filter("a JSON number", |f| f.is_finite())
+                .prop_map(Document::Float),
+            any::<String>().prop_map(Document::Text),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            // Few names, so that some repeat within an object.
+            let name = prop_oneof![
+                Just("a".to_owned()),
+                Just("b".to_owned()),
+                Just("é\"/".to_owned()),
+                any::<String>(),
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Document::List),
+                proptest::collection::vec((name, inner), 0..6).prop_map(Document::Members),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_streamed_form_is_the_trees(document in documents()) {
+            let mut body = String::new();
+            document.text(&mut body);
+            proptest::prop_assert_eq!(
+                streamed::canonical(body.as_bytes()),
+                Some(from_the_tree(body.as_bytes()))
+            );
+        }
+    }
+
+    #[test]
+    fn a_repeated_name_keeps_its_last_value_when_streamed() {
+        let body = br#"{"b": {"x": 1, "x": [2]}, "a": 0, "b": {"y": 3, "x": 4}}"#;
+        assert_eq!(streamed::canonical(body), Some(from_the_tree(body)));
+        assert_eq!(
+            streamed::canonical(body).unwrap(),
+            br#"{"a":0,"b":{"x":4,"y":3}}"#
+        );
+    }
+
+    #[test]
+    fn what_is_not_one_document_is_not_streamed() {
+        for body in [&b"{\"a\": 1} {}"[..], b"[1, 2", b"", b"nul"] {
+            assert_eq!(streamed::canonical(body), None);
+        }
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        assert_eq!(streamed::canonical(deep.as_bytes()), None);
+        assert!(serde_json::from_slice::<Value>(deep.as_bytes()).is_err());
     }
 
     #[test]
