@@ -5,6 +5,7 @@ use std::{borrow::Cow, fmt, sync::Arc};
 use serde_json::Value;
 
 mod streamed;
+use streamed::Streamed;
 
 /// A function from a request body to the bytes its fingerprint covers.
 pub type BodyFn = Arc<dyn Fn(&[u8]) -> Vec<u8> + Send + Sync>;
@@ -94,8 +95,10 @@ impl fmt::Debug for BodyFingerprint {
 
 fn canonical<'a>(body: &'a [u8], excluded: &[String]) -> Cow<'a, [u8]> {
     if excluded.is_empty() {
-        if let Some(out) = streamed::canonical(body) {
-            return Cow::Owned(out);
+        match streamed::canonical(body) {
+            Streamed::Written(out) => return Cow::Owned(out),
+            Streamed::NotJson => return Cow::Borrowed(body),
+            Streamed::ForTheTree => {}
         }
     }
     let Ok(mut document) = serde_json::from_slice::<Value>(body) else {
@@ -278,6 +281,21 @@ mod tests {
         out
     }
 
+    fn streamed_text(body: &[u8]) -> Option<Vec<u8>> {
+        match streamed::canonical(body) {
+            Streamed::Written(out) => Some(out),
+            Streamed::NotJson | Streamed::ForTheTree => None,
+        }
+    }
+
+    /// What the tree path makes of a body, through the public API: a
+    /// pointer that names nothing keeps the document whole.
+    fn through_the_tree(body: &[u8]) -> Vec<u8> {
+        BodyFingerprint::canonical_json_except(["/none"])
+            .bytes(body)
+            .into_owned()
+    }
+
     #[derive(Debug, Clone)]
     enum Document {
         Null,
@@ -355,7 +373,7 @@ mod tests {
             let mut body = String::new();
             document.text(&mut body);
             proptest::prop_assert_eq!(
-                streamed::canonical(body.as_bytes()),
+                streamed_text(body.as_bytes()),
                 Some(from_the_tree(body.as_bytes()))
             );
         }
@@ -364,21 +382,62 @@ mod tests {
     #[test]
     fn a_repeated_name_keeps_its_last_value_when_streamed() {
         let body = br#"{"b": {"x": 1, "x": [2]}, "a": 0, "b": {"y": 3, "x": 4}}"#;
-        assert_eq!(streamed::canonical(body), Some(from_the_tree(body)));
+        assert_eq!(streamed_text(body), Some(from_the_tree(body)));
         assert_eq!(
-            streamed::canonical(body).unwrap(),
+            streamed_text(body).unwrap(),
             br#"{"a":0,"b":{"x":4,"y":3}}"#
         );
     }
 
     #[test]
-    fn what_is_not_one_document_is_not_streamed() {
-        for body in [&b"{\"a\": 1} {}"[..], b"[1, 2", b"", b"nul"] {
-            assert_eq!(streamed::canonical(body), None);
-        }
+    fn what_is_not_one_document_is_hashed_raw_without_the_tree() {
         let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
-        assert_eq!(streamed::canonical(deep.as_bytes()), None);
-        assert!(serde_json::from_slice::<Value>(deep.as_bytes()).is_err());
+        for body in [
+            &b"{\"a\": 1} {}"[..],
+            b"[1, 2",
+            b"",
+            b"nul",
+            deep.as_bytes(),
+        ] {
+            assert!(matches!(streamed::canonical(body), Streamed::NotJson));
+            assert!(serde_json::from_slice::<Value>(body).is_err());
+            assert_eq!(BodyFingerprint::CanonicalJson.bytes(body), body);
+        }
+    }
+
+    #[test]
+    fn a_name_serde_json_may_read_as_another_value_is_left_to_the_tree() {
+        for body in [
+            &br#"{"$serde_json::private::RawValue": "[1,2]"}"#[..],
+            br#"{"a": {"$serde_json::private::RawValue": "2"}}"#,
+            br#"{"$serde_json::private::RawValu\u0065": "2"}"#,
+            br#"{"$serde_json::private::RawValue": "1", "b": 2}"#,
+            br#"{"$serde_json::private::Number": "1.5"}"#,
+        ] {
+            assert!(matches!(streamed::canonical(body), Streamed::ForTheTree));
+            assert_eq!(
+                BodyFingerprint::CanonicalJson.bytes(body),
+                through_the_tree(body)
+            );
+        }
+    }
+
+    #[test]
+    fn objects_nested_deeper_than_the_streamed_writer_goes_are_left_to_the_tree() {
+        let deep = format!("{}1{}", r#"{"a": [{"b": "#.repeat(5), "}]}".repeat(5));
+        assert!(matches!(
+            streamed::canonical(deep.as_bytes()),
+            Streamed::ForTheTree
+        ));
+        assert_eq!(
+            BodyFingerprint::CanonicalJson.bytes(deep.as_bytes()),
+            from_the_tree(deep.as_bytes())
+        );
+        let shallow = format!("{}1{}", r#"{"a": [{"b": "#.repeat(4), "}]}".repeat(4));
+        assert_eq!(
+            streamed_text(shallow.as_bytes()),
+            Some(from_the_tree(shallow.as_bytes()))
+        );
     }
 
     #[test]
