@@ -1,10 +1,38 @@
 //! HTTP-dates (RFC 9110 section 5.6.7), for the expiry header.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::{
+    cell::RefCell,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use http::HeaderValue;
+
+/// `at` as the header value of an IMF-fixdate. The text changes once a
+/// second, so each thread formats it once a second and hands out clones,
+/// which share its bytes.
+pub(crate) fn header_value(at: SystemTime) -> HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+    let secs = seconds(at);
+    LAST.with_borrow_mut(|last| match last {
+        Some((second, value)) if *second == secs => value.clone(),
+        _ => {
+            let value = HeaderValue::from_maybe_shared(bytes::Bytes::from(format(at)))
+                .expect("an IMF-fixdate is a valid header value");
+            *last = Some((secs, value.clone()));
+            value
+        }
+    })
+}
+
+fn seconds(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
 
 /// `at` as an IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`.
 pub(crate) fn format(at: SystemTime) -> String {
-    let secs = at.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let secs = seconds(at);
     let (days, rest) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
     const WEEKDAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
@@ -43,6 +71,19 @@ mod tests {
 
     fn at(secs: u64) -> String {
         format(UNIX_EPOCH + Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn a_header_value_is_the_imf_fixdate_of_its_own_second() {
+        let second = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        for at in [
+            second,
+            second + Duration::from_millis(999),
+            second + Duration::from_secs(1),
+            second,
+        ] {
+            assert_eq!(header_value(at), format(at).as_str());
+        }
     }
 
     #[test]

@@ -39,9 +39,8 @@ where
     if let Some(name) = &config.expiry_header {
         // Stored with the response, so every replay says the same.
         let expires = std::time::SystemTime::now() + config.ttl;
-        if let Ok(value) = http::HeaderValue::try_from(http_date::format(expires)) {
-            head.headers.insert(name.clone(), value);
-        }
+        head.headers
+            .insert(name.clone(), http_date::header_value(expires));
     }
     let mut body = Box::pin(body);
     // What the body has ready now. A body not ready is polled again by the
