@@ -31,7 +31,7 @@ fn seconds(at: SystemTime) -> u64 {
 }
 
 /// `at` as an IMF-fixdate: `Sun, 06 Nov 1994 08:49:37 GMT`.
-pub(crate) fn format(at: SystemTime) -> String {
+fn format(at: SystemTime) -> String {
     let secs = seconds(at);
     let (days, rest) = (secs / 86_400, secs % 86_400);
     let (year, month, day) = civil_from_days(days as i64);
