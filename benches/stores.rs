@@ -29,7 +29,7 @@ mod real {
         IdempotencyLayer, Store,
     };
 
-    use crate::common::{drain, handler, request};
+    use crate::common::{drain, handler, raw_postgres, request};
 
     /// Counts the calls the layer makes to a store; each call of the shipped
     /// stores is one round trip (one command or script, one statement).
@@ -193,7 +193,9 @@ mod real {
                 raw: Box::new(move || {
                     let (pool, encoded) = (pool.clone(), encoded.clone());
                     let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                    Box::pin(async move { raw_insert_then_update(&pool, &k, &encoded).await })
+                    Box::pin(
+                        async move { raw_postgres::insert_then_update(&pool, &k, &encoded).await },
+                    )
                 }),
             },
             Pair {
@@ -205,7 +207,7 @@ mod real {
                 }),
                 raw: Box::new(move || {
                     let pool = pool.clone();
-                    Box::pin(async move { raw_select(&pool, &hot).await })
+                    Box::pin(async move { raw_postgres::select(&pool, &hot).await })
                 }),
             },
         ]
@@ -438,32 +440,6 @@ mod real {
             .unwrap();
     }
 
-    /// What a raw client does for a first use on PostgreSQL: a lock row
-    /// inserted unless one exists, then the response stored in it.
-    async fn raw_insert_then_update(pool: &sqlx::PgPool, key: &RecordKey, encoded: &Bytes) {
-        sqlx::query("INSERT INTO bench_raw (key, state, expires_at) VALUES ($1, 0, now() + interval '1 minute') ON CONFLICT DO NOTHING")
-            .bind(&key.as_bytes()[..])
-            .execute(pool)
-            .await
-            .unwrap();
-        sqlx::query("UPDATE bench_raw SET state = 1, body = $2, expires_at = now() + interval '10 minutes' WHERE key = $1")
-            .bind(&key.as_bytes()[..])
-            .bind(&encoded[..])
-            .execute(pool)
-            .await
-            .unwrap();
-    }
-
-    /// What a raw client does for a replay on PostgreSQL: one `SELECT`.
-    async fn raw_select(pool: &sqlx::PgPool, key: &RecordKey) {
-        let _: (Vec<u8>,) =
-            sqlx::query_as("SELECT body FROM bench_raw WHERE key = $1 AND expires_at > now()")
-                .bind(&key.as_bytes()[..])
-                .fetch_one(pool)
-                .await
-                .unwrap();
-    }
-
     /// How many calls a concurrent row keeps in flight, as a server's
     /// concurrent requests would.
     const IN_FLIGHT: usize = 16;
@@ -512,15 +488,25 @@ mod real {
             .build()
             .unwrap();
         let (redis_store, raw_redis, pg_store, pool) = rt.block_on(async {
-            let redis_store = RedisStore::connect(&redis_url).await.unwrap().with_prefix("bench:");
-            let raw = redis::Client::open(redis_url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
-            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(4).connect(&database_url).await.unwrap();
-            let pg_store = PostgresStore::new(pool.clone()).with_table("bench_records").unwrap();
-            pg_store.migrate().await.unwrap();
-            sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_raw (key BYTEA PRIMARY KEY, state SMALLINT, body BYTEA, expires_at TIMESTAMPTZ)")
-                .execute(&pool)
+            let redis_store = RedisStore::connect(&redis_url)
+                .await
+                .unwrap()
+                .with_prefix("bench:");
+            let raw = redis::Client::open(redis_url.as_str())
+                .unwrap()
+                .get_multiplexed_async_connection()
                 .await
                 .unwrap();
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect(&database_url)
+                .await
+                .unwrap();
+            let pg_store = PostgresStore::new(pool.clone())
+                .with_table("bench_records")
+                .unwrap();
+            pg_store.migrate().await.unwrap();
+            raw_postgres::create_table(&pool).await;
             sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_effects (record_key BYTEA NOT NULL)")
                 .execute(&pool)
                 .await
@@ -551,17 +537,20 @@ mod real {
                 // Left from an earlier run, the hot key is already completed.
                 for store in [&redis_store as &dyn Store, &pg_store] {
                     if let Ok(BeginOutcome::Acquired(token)) = store.begin(&hot, &FP, LEASE).await {
-                        store.complete(&hot, token, Completion::Response(encoded.clone()), TTL).await.unwrap();
+                        store
+                            .complete(&hot, token, Completion::Response(encoded.clone()), TTL)
+                            .await
+                            .unwrap();
                     }
                 }
                 let mut conn = raw_redis.clone();
-                let _: () = redis::cmd("SET").arg("bench-raw:hot").arg(&encoded[..]).query_async(&mut conn).await.unwrap();
-                sqlx::query("INSERT INTO bench_raw VALUES ($1, 1, $2, now() + interval '1 hour') ON CONFLICT DO NOTHING")
-                    .bind(&hot.as_bytes()[..])
-                    .bind(&encoded[..])
-                    .execute(&pool)
+                let _: () = redis::cmd("SET")
+                    .arg("bench-raw:hot")
+                    .arg(&encoded[..])
+                    .query_async(&mut conn)
                     .await
                     .unwrap();
+                raw_postgres::store_hot(&pool, &hot, &encoded).await;
             });
             let calls = if in_flight == 1 { 500 } else { 4_000 };
             let mut pairs = redis_pairs(&redis_store, &raw_redis, &encoded, &key, fresh, hot);

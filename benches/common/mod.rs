@@ -1,6 +1,9 @@
 //! The handler and requests every bench shares.
 #![allow(dead_code, unreachable_pub)]
 
+#[cfg(feature = "postgres")]
+pub mod raw_postgres;
+
 use std::convert::Infallible;
 
 use bytes::Bytes;

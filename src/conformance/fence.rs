@@ -1,7 +1,10 @@
 //! The fence: a holder marks its effect committed, a lost holder is
 //! stopped, and a fenced key is recovered, never run afresh.
 
-use super::{acquire, begin, fingerprint, fresh_key, sample_response, LEASE, SHORT, TTL};
+use super::{
+    acquire, assert_one_took, begin, fingerprint, fresh_key, race, sample_response, LEASE, SHORT,
+    TTL,
+};
 use crate::store::{BeginOutcome, Completion, Store, StoreError};
 
 /// The holder fences once; a second fence says the effect is committed.
@@ -129,4 +132,16 @@ pub async fn recovering_holder_renews_its_lease(store: &impl Store) {
         store.begin(&key, &fingerprint(1), LEASE).await,
         Ok(BeginOutcome::Recover(_))
     ));
+}
+
+/// Many tasks racing to recover a fenced key whose lease ran out: exactly
+/// one recovers it.
+pub async fn concurrent_recoveries_of_a_fenced_key_recover_exactly_once<S: Store + Clone>(
+    store: &S,
+) {
+    let key = fresh_key();
+    let holder = acquire(store, &key, 1, SHORT).await;
+    store.fence(&key, holder, TTL).await.expect("fence");
+    tokio::time::sleep(SHORT * 2).await;
+    assert_one_took(&race(store, key).await, true);
 }

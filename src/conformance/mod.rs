@@ -274,24 +274,49 @@ pub async fn keys_are_independent(store: &impl Store) {
     assert!(matches!(begin(store, &b, 1).await, BeginOutcome::InFlight));
 }
 
-/// Many tasks racing to begin one key: exactly one acquires.
-pub async fn concurrent_begins_acquire_exactly_once<S: Store + Clone>(store: &S) {
-    let key = fresh_key();
+/// What 32 tasks racing to begin `key` with the same fingerprint got.
+async fn race<S: Store + Clone>(store: &S, key: RecordKey) -> Vec<BeginOutcome> {
     let tasks: Vec<_> = (0..32)
         .map(|_| {
             let store = store.clone();
             tokio::spawn(async move { store.begin(&key, &fingerprint(1), LEASE).await })
         })
         .collect();
-    let mut acquired = 0;
+    let mut outcomes = Vec::new();
     for task in tasks {
-        match task.await.expect("task") {
-            Ok(BeginOutcome::Acquired(_)) => acquired += 1,
-            Ok(BeginOutcome::InFlight) => {}
-            other => panic!("unexpected answer in a race: {other:?}"),
+        outcomes.push(task.await.expect("task").expect("begin in a race"));
+    }
+    outcomes
+}
+
+/// Exactly one racer took the key (`Acquired`, or `Recover` if
+/// `recovering`), and every other found it in flight.
+fn assert_one_took(outcomes: &[BeginOutcome], recovering: bool) {
+    let mut took = 0;
+    for outcome in outcomes {
+        match (outcome, recovering) {
+            (BeginOutcome::Acquired(_), false) | (BeginOutcome::Recover(_), true) => took += 1,
+            (BeginOutcome::InFlight, _) => {}
+            (other, _) => panic!("unexpected answer in a race: {other:?}"),
         }
     }
-    assert_eq!(acquired, 1);
+    assert_eq!(took, 1, "racers that took the key");
+}
+
+/// Many tasks racing to begin one key: exactly one acquires.
+pub async fn concurrent_begins_acquire_exactly_once<S: Store + Clone>(store: &S) {
+    assert_one_took(&race(store, fresh_key()).await, false);
+}
+
+/// Many tasks racing to take over a key whose lease ran out: exactly one
+/// takes it.
+pub async fn concurrent_takeovers_of_a_lapsed_lease_acquire_exactly_once<S: Store + Clone>(
+    store: &S,
+) {
+    let key = fresh_key();
+    acquire(store, &key, 1, SHORT).await;
+    tokio::time::sleep(SHORT * 2).await;
+    assert_one_took(&race(store, key).await, false);
 }
 
 /// Many tasks racing on one key whose holder completes midway: each sees
@@ -361,6 +386,7 @@ macro_rules! store_conformance_tests {
             completed_key_expires_after_its_ttl,
             keys_are_independent,
             concurrent_begins_acquire_exactly_once,
+            concurrent_takeovers_of_a_lapsed_lease_acquire_exactly_once,
             concurrent_readers_see_whole_records,
             works_as_a_trait_object,
             holder_fences_once,
@@ -369,7 +395,8 @@ macro_rules! store_conformance_tests {
             fenced_key_is_in_flight_while_its_lease_lasts,
             fenced_key_is_recovered_after_its_lease,
             released_fenced_key_is_recovered_not_run_again,
-            recovering_holder_renews_its_lease
+            recovering_holder_renews_its_lease,
+            concurrent_recoveries_of_a_fenced_key_recover_exactly_once
         );
     };
     (@each $make:expr; $($check:ident),+ $(,)?) => {
