@@ -29,7 +29,7 @@ mod real {
         IdempotencyLayer, Store,
     };
 
-    use crate::common::{drain, handler, raw_postgres, request};
+    use crate::common::{drain, handler, raw_postgres, raw_redis, request};
 
     /// Counts the calls the layer makes to a store; each call of the shipped
     /// stores is one round trip (one command or script, one statement).
@@ -154,7 +154,7 @@ mod real {
                 raw: Box::new(move || {
                     let (mut conn, encoded) = (raw.clone(), encoded.clone());
                     let k = key(fresh.fetch_add(1, Ordering::Relaxed));
-                    Box::pin(async move { raw_first_use(&mut conn, &k, &encoded).await })
+                    Box::pin(async move { raw_redis::first_use(&mut conn, &k, &encoded).await })
                 }),
             },
             Pair {
@@ -166,7 +166,7 @@ mod real {
                 }),
                 raw: Box::new(move || {
                     let mut conn = raw.clone();
-                    Box::pin(async move { raw_get(&mut conn).await })
+                    Box::pin(async move { raw_redis::get(&mut conn).await })
                 }),
             },
         ]
@@ -404,42 +404,6 @@ mod real {
         })
     }
 
-    /// What a raw client does for a first use: a lock taken with
-    /// `SET NX PX`, then the response stored with `SET PX`.
-    async fn raw_first_use(
-        conn: &mut impl redis::aio::ConnectionLike,
-        key: &RecordKey,
-        encoded: &Bytes,
-    ) {
-        let k = format!("bench-raw:{}", key.to_hex());
-        let _: Option<String> = redis::cmd("SET")
-            .arg(&k)
-            .arg("lock")
-            .arg("NX")
-            .arg("PX")
-            .arg(60_000)
-            .query_async(conn)
-            .await
-            .unwrap();
-        let _: () = redis::cmd("SET")
-            .arg(&k)
-            .arg(&encoded[..])
-            .arg("PX")
-            .arg(600_000)
-            .query_async(conn)
-            .await
-            .unwrap();
-    }
-
-    /// What a raw client does for a replay: one `GET` of the stored response.
-    async fn raw_get(conn: &mut impl redis::aio::ConnectionLike) {
-        let _: Vec<u8> = redis::cmd("GET")
-            .arg("bench-raw:hot")
-            .query_async(conn)
-            .await
-            .unwrap();
-    }
-
     /// How many calls a concurrent row keeps in flight, as a server's
     /// concurrent requests would.
     const IN_FLIGHT: usize = 16;
@@ -487,7 +451,7 @@ mod real {
             .enable_all()
             .build()
             .unwrap();
-        let (redis_store, raw_redis, pg_store, pool) = rt.block_on(async {
+        let (redis_store, raw_conn, pg_store, pool) = rt.block_on(async {
             let redis_store = RedisStore::connect(&redis_url)
                 .await
                 .unwrap()
@@ -543,19 +507,13 @@ mod real {
                             .unwrap();
                     }
                 }
-                let mut conn = raw_redis.clone();
-                let _: () = redis::cmd("SET")
-                    .arg("bench-raw:hot")
-                    .arg(&encoded[..])
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
+                raw_redis::store_hot(&mut raw_conn.clone(), &encoded).await;
                 raw_postgres::store_hot(&pool, &hot, &encoded).await;
             });
             let calls = if in_flight == 1 { 500 } else { 4_000 };
-            let mut pairs = redis_pairs(&redis_store, &raw_redis, &encoded, &key, fresh, hot);
+            let mut pairs = redis_pairs(&redis_store, &raw_conn, &encoded, &key, fresh, hot);
             rows(&mut group, &rt, in_flight, "redis", &mut pairs);
-            interleaved(&rt, "Redis", in_flight, calls, &mut pairs, Some(&raw_redis));
+            interleaved(&rt, "Redis", in_flight, calls, &mut pairs, Some(&raw_conn));
             let mut pairs = postgres_pairs(&pg_store, &pool, &encoded, &key, fresh, hot);
             rows(&mut group, &rt, in_flight, "postgres", &mut pairs);
             interleaved(&rt, "PostgreSQL", in_flight, calls, &mut pairs, None);
@@ -638,13 +596,7 @@ mod real {
                     .await
                     .unwrap();
             }
-            let mut conn = raw.clone();
-            let _: () = redis::cmd("SET")
-                .arg("bench-raw:hot")
-                .arg(&encoded[..])
-                .query_async(&mut conn)
-                .await
-                .unwrap();
+            raw_redis::store_hot(&mut raw.clone(), encoded).await;
         });
         let calls = if in_flight == 1 { 500 } else { 4_000 };
         let mut pairs = redis_pairs(&store, &raw, encoded, key, fresh, hot);

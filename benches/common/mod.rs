@@ -3,6 +3,8 @@
 
 #[cfg(feature = "postgres")]
 pub mod raw_postgres;
+#[cfg(feature = "redis")]
+pub mod raw_redis;
 
 use std::convert::Infallible;
 
