@@ -145,3 +145,37 @@ pub async fn concurrent_recoveries_of_a_fenced_key_recover_exactly_once<S: Store
     tokio::time::sleep(SHORT * 2).await;
     assert_one_took(&race(store, key).await, true);
 }
+
+/// A fenced holder's response is stored exactly as given, whatever its
+/// size: shorter or longer than anything the fence itself wrote.
+pub async fn fenced_holder_stores_responses_of_any_size(store: &impl Store) {
+    for size in [0, 1, 12, 13, 14, 4096] {
+        let key = fresh_key();
+        let token = acquire(store, &key, 1, LEASE).await;
+        store.fence(&key, token, TTL).await.expect("fence");
+        let record = bytes::Bytes::from(vec![b'r'; size]);
+        store
+            .complete(&key, token, Completion::Response(record.clone()), TTL)
+            .await
+            .expect("the fenced holder completes");
+        match begin(store, &key, 1).await {
+            BeginOutcome::Completed(stored) => assert_eq!(stored, record, "{size} bytes"),
+            other => panic!("expected Completed for {size} bytes, got {other:?}"),
+        }
+    }
+}
+
+/// A fenced holder may still record its response as not replayable.
+pub async fn fenced_holder_records_not_replayable(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    store.fence(&key, token, TTL).await.expect("fence");
+    store
+        .complete(&key, token, Completion::NotReplayable, TTL)
+        .await
+        .expect("the fenced holder completes");
+    assert!(matches!(
+        begin(store, &key, 1).await,
+        BeginOutcome::NotReplayable
+    ));
+}

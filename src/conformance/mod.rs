@@ -396,7 +396,9 @@ macro_rules! store_conformance_tests {
             fenced_key_is_recovered_after_its_lease,
             released_fenced_key_is_recovered_not_run_again,
             recovering_holder_renews_its_lease,
-            concurrent_recoveries_of_a_fenced_key_recover_exactly_once
+            concurrent_recoveries_of_a_fenced_key_recover_exactly_once,
+            fenced_holder_stores_responses_of_any_size,
+            fenced_holder_records_not_replayable
         );
     };
     (@each $make:expr; $($check:ident),+ $(,)?) => {
