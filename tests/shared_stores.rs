@@ -326,6 +326,66 @@ async fn redis_keys_carry_the_prefix_and_a_ttl() {
     }
 }
 
+/// A completed record takes about its own size in Redis's memory, and
+/// nothing but the record is left under the prefix.
+#[tokio::test]
+async fn redis_record_takes_about_its_own_size() {
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::{BeginOutcome, Completion},
+    };
+    let store = RedisStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix("memcheck:");
+    let key = RecordKey::new(b"memory", &unique_key("size"));
+    let fingerprint = Fingerprint::from_bytes([3; 32]);
+    let Ok(BeginOutcome::Acquired(token)) = store
+        .begin(&key, &fingerprint, Duration::from_secs(60))
+        .await
+    else {
+        panic!("a fresh key is acquired");
+    };
+    let record = bytes::Bytes::from(vec![b'r'; 4096]);
+    store
+        .complete(
+            &key,
+            token,
+            Completion::Response(record),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap();
+    let name = format!("memcheck:{}", key.to_hex());
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let length: usize = redis::cmd("STRLEN")
+        .arg(&name)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let usage: usize = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(&name)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(length, 50 + 4096);
+    assert!(
+        usage * 2 < length * 3,
+        "{usage} bytes of memory for a {length}-byte record"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("memcheck:*{}*", key.to_hex()))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys, [name]);
+}
+
 #[tokio::test]
 async fn redis_key_holding_another_type_answers_503_even_failing_open() {
     let prefix = format!("{}:", unique_key("wrongtype"));

@@ -46,11 +46,11 @@ return {'completed', string.sub(v, 51)}
 
 /// `ARGV`: token, new state (`c` or `n`), encoded response, TTL.
 ///
-/// The response is written over the lock's tail in place rather than
-/// joined to its head in Lua: Redis's Lua hashes every byte of every
-/// string it makes, so a joined value would cost Redis a second pass over
-/// the whole response. Only a response shorter than the tail it replaces
-/// (a fenced lease's end) is joined.
+/// The record is written with `SETRANGE` into its key, emptied first,
+/// rather than joined in Lua: Redis's Lua hashes every byte of every
+/// string it makes, so a joined value costs Redis a second pass over the
+/// whole response. `SETRANGE` makes a missing key's string at exactly its
+/// size, where one that grows an existing string keeps room for twice it.
 pub(super) const COMPLETE: &str = r"
 local k = KEYS[1]
 local v = redis.call('GET', k)
@@ -60,13 +60,10 @@ local held = string.sub(v, 35, 50) == ARGV[1]
 -- Completed by this token already: a client retry of this very call.
 if held and state == ARGV[2] then return 1 end
 if state ~= 'i' or not held then return 0 end
-if string.len(ARGV[3]) >= string.len(v) - 50 then
-  redis.call('SETRANGE', k, 50, ARGV[3])
-  redis.call('SETRANGE', k, 0, ARGV[2] .. '0')
-  redis.call('PEXPIRE', k, ARGV[4])
-else
-  redis.call('SET', k, ARGV[2] .. '0' .. string.sub(v, 3, 50) .. ARGV[3], 'PX', ARGV[4])
-end
+redis.call('DEL', k)
+redis.call('SETRANGE', k, 50, ARGV[3])
+redis.call('SETRANGE', k, 0, ARGV[2] .. '0' .. string.sub(v, 3, 50))
+redis.call('PEXPIRE', k, ARGV[4])
 return 1
 ";
 
