@@ -233,11 +233,13 @@ mod real {
     }
 
     /// Each step of a store against the same step of its raw client,
-    /// interleaved over five rounds (store, raw, store, raw, …) of `calls`
-    /// calls `in_flight` at a time; medians of the time per call and, given
-    /// a Redis connection, of what each call costs that Redis (its CPU
-    /// time). Interleaving keeps the machine's drift out of the ratios,
-    /// which the criterion rows, measured one after the other, cannot.
+    /// interleaved over five rounds of `calls` calls `in_flight` at a time,
+    /// each side first in every other round (store, raw, raw, store, …), so
+    /// that neither always runs on what the other left warm; medians of the
+    /// time per call and, given a Redis connection, of what each call costs
+    /// that Redis (its CPU time). Interleaving keeps the machine's drift out
+    /// of the ratios, which the criterion rows, measured one after the
+    /// other, cannot.
     fn interleaved(
         rt: &tokio::runtime::Runtime,
         store: &str,
@@ -268,9 +270,14 @@ mod real {
         } in pairs
         {
             let (mut rounds, mut raw_rounds) = (Vec::new(), Vec::new());
-            for _ in 0..5 {
-                rounds.push(measure(ours));
-                raw_rounds.push(measure(raw));
+            for round in 0..5 {
+                if round % 2 == 0 {
+                    rounds.push(measure(ours));
+                    raw_rounds.push(measure(raw));
+                } else {
+                    raw_rounds.push(measure(raw));
+                    rounds.push(measure(ours));
+                }
             }
             let [(time, cpu), (raw_time, raw_cpu)] = [rounds, raw_rounds].map(|rounds| {
                 let (times, cpus): (Vec<f64>, Vec<f64>) = rounds.into_iter().unzip();
