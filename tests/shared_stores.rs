@@ -386,6 +386,66 @@ async fn redis_record_takes_about_its_own_size() {
     assert_eq!(keys, [name]);
 }
 
+/// A record longer than the server's strings may be (`proto-max-bulk-len`)
+/// fails `complete` and leaves the lock as it was: a fenced key is still
+/// recovered after its holder lets go, never run afresh.
+#[tokio::test]
+async fn redis_record_the_server_refuses_leaves_the_fenced_lock() {
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::{BeginOutcome, Completion},
+    };
+    // A Redis server of this test's own, with the smallest string limit.
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    /// Stops the server however the test ends.
+    struct Server(std::process::Child);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _server = Server(
+        std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--proto-max-bulk-len", "1mb"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed by scripts/test"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
+        .await
+        .unwrap();
+    let key = RecordKey::new(b"limits", &unique_key("bulk"));
+    let fingerprint = Fingerprint::from_bytes([4; 32]);
+    let lease = Duration::from_secs(60);
+    let Ok(BeginOutcome::Acquired(token)) = store.begin(&key, &fingerprint, lease).await else {
+        panic!("a fresh key is acquired");
+    };
+    store.fence(&key, token, lease).await.unwrap();
+    // Accepted as an argument, but with the record's head over the limit.
+    let record = bytes::Bytes::from(vec![b'r'; 1024 * 1024 - 20]);
+    let completed = store
+        .complete(&key, token, Completion::Response(record), lease)
+        .await;
+    assert!(completed.is_err(), "{completed:?}");
+    assert!(matches!(
+        store.begin(&key, &fingerprint, lease).await,
+        Ok(BeginOutcome::InFlight)
+    ));
+    store.release(&key, token).await.unwrap();
+    let recovered = store.begin(&key, &fingerprint, lease).await;
+    assert!(
+        matches!(recovered, Ok(BeginOutcome::Recover(_))),
+        "{recovered:?}"
+    );
+}
+
 #[tokio::test]
 async fn redis_key_holding_another_type_answers_503_even_failing_open() {
     let prefix = format!("{}:", unique_key("wrongtype"));

@@ -60,8 +60,15 @@ local held = string.sub(v, 35, 50) == ARGV[1]
 -- Completed by this token already: a client retry of this very call.
 if held and state == ARGV[2] then return 1 end
 if state ~= 'i' or not held then return 0 end
+local lease = redis.call('PTTL', k)
 redis.call('DEL', k)
-redis.call('SETRANGE', k, 50, ARGV[3])
+local written = redis.pcall('SETRANGE', k, 50, ARGV[3])
+if type(written) == 'table' and written.err then
+  -- A record longer than this server's strings may be: the lock is put
+  -- back as it was, so a fenced key is still recovered, never run again.
+  redis.call('SET', k, v, 'PX', math.max(lease, 1))
+  return written
+end
 redis.call('SETRANGE', k, 0, ARGV[2] .. '0' .. string.sub(v, 3, 50))
 redis.call('PEXPIRE', k, ARGV[4])
 return 1
