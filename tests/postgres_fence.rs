@@ -4,25 +4,19 @@
 //! must still be answered at once.
 #![cfg(feature = "postgres")]
 
+mod common;
 #[path = "common/postgres.rs"]
 mod postgres;
 
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use common::{post, unique_key};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::sync::{oneshot, Mutex};
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{body::RequestBody, store::PostgresStore, Execution, IdempotencyLayer};
-
-fn post(key: &str) -> Request<Full<Bytes>> {
-    Request::post("/payments")
-        .header("idempotency-key", key)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::from_static(b"{\"amount\":1}")))
-        .unwrap()
-}
 
 /// A retry that arrives while the holder has fenced its key and not yet
 /// committed gets 409 while that transaction is still open: it reads the
@@ -59,15 +53,11 @@ async fn a_retry_is_answered_while_the_holders_fencing_transaction_is_open() {
             }
         },
     ));
-    let key = format!(
-        "fence-in-{}-{:?}",
-        std::process::id(),
-        std::time::SystemTime::now()
-    )
-    .replace([' ', '{', '}', ':', ','], "");
-    let first = tokio::spawn(svc.clone().oneshot(post(&key)));
+    let key = unique_key("fence-in");
+    let request = || post("/payments", Some(&key), "{\"amount\":1}");
+    let first = tokio::spawn(svc.clone().oneshot(request()));
     fenced.await.unwrap();
-    let retry = tokio::time::timeout(Duration::from_secs(10), svc.clone().oneshot(post(&key)))
+    let retry = tokio::time::timeout(Duration::from_secs(10), svc.clone().oneshot(request()))
         .await
         .expect("the retry waited on the open transaction")
         .unwrap();

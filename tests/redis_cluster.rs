@@ -15,7 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use cluster::Cluster;
-use common::{post, read, send};
+use common::{post, read, send, unique_key};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tower::Layer;
@@ -61,15 +61,6 @@ impl RunsPerKey {
     }
 }
 
-fn unique(name: &str) -> String {
-    format!(
-        "{name}-{}-{:?}",
-        std::process::id(),
-        std::time::Instant::now()
-    )
-    .replace([' ', '{', '}', ':', ','], "")
-}
-
 /// How many records under `prefix` each master of the shared cluster holds.
 fn keys_per_master(prefix: &str) -> Vec<(String, usize)> {
     let cli = |port: &str, args: &[&str]| {
@@ -97,7 +88,7 @@ fn keys_per_master(prefix: &str) -> Vec<(String, usize)> {
 
 #[tokio::test]
 async fn records_spread_over_every_master_of_the_cluster() {
-    let prefix = format!("{}:", unique("spread"));
+    let prefix = format!("{}:", unique_key("spread"));
     let store = RedisStore::connect_cluster(cluster::shared_nodes())
         .await
         .expect("connect to the test cluster")

@@ -13,7 +13,7 @@ mod proxy;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use common::{app, json, post, send, Counter};
+use common::{app, json, post, send, unique_key, Counter};
 use http::StatusCode;
 use serde_json::{json, Value};
 use tower_idempotency::{
@@ -29,15 +29,6 @@ fn redis_url() -> String {
 fn database_url() -> String {
     std::env::var("TEST_DATABASE_URL")
         .expect("TEST_DATABASE_URL is not set: run the tests with ./scripts/test")
-}
-
-fn unique_key(name: &str) -> String {
-    format!(
-        "{name}-{}-{:?}",
-        std::process::id(),
-        std::time::SystemTime::now()
-    )
-    .replace([' ', '{', '}', ':', ','], "")
 }
 
 async fn create(client: &reqwest::Client, base: &str, key: &str) -> (u16, Option<String>, Value) {
@@ -326,6 +317,26 @@ async fn redis_keys_carry_the_prefix_and_a_ttl() {
     }
 }
 
+/// A loopback port nothing listens on now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A Redis server of a test's own on `port`, with `settings` besides, so
+/// that what the test does to it leaves the shared test server alone.
+fn own_redis(port: u16, settings: &[&str]) -> std::process::Child {
+    let child = std::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(settings)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server is installed by scripts/test");
+    std::thread::sleep(Duration::from_millis(300));
+    child
+}
+
 /// A completed record takes about its own size in Redis's memory, and
 /// nothing but the record is left under the prefix.
 #[tokio::test]
@@ -395,11 +406,6 @@ async fn redis_record_the_server_refuses_leaves_the_fenced_lock() {
         key::{Fingerprint, RecordKey},
         store::{BeginOutcome, Completion},
     };
-    // A Redis server of this test's own, with the smallest string limit.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
     /// Stops the server however the test ends.
     struct Server(std::process::Child);
     impl Drop for Server {
@@ -408,16 +414,9 @@ async fn redis_record_the_server_refuses_leaves_the_fenced_lock() {
             let _ = self.0.wait();
         }
     }
-    let _server = Server(
-        std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--proto-max-bulk-len", "1mb"])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed by scripts/test"),
-    );
-    std::thread::sleep(Duration::from_millis(300));
+    // The smallest string limit Redis takes.
+    let port = free_port();
+    let _server = Server(own_redis(port, &["--proto-max-bulk-len", "1mb"]));
     let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
         .await
         .unwrap();
@@ -519,30 +518,8 @@ async fn slow_handler_on_redis_renews_its_lease() {
 
 #[tokio::test]
 async fn stopped_redis_server_answers_503_then_recovers_when_it_returns() {
-    // A Redis server of this test's own, so that stopping it leaves the
-    // shared test server alone.
-    let port = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        listener.local_addr().unwrap().port()
-    };
-    let start = || {
-        let child = std::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server is installed by scripts/test");
-        std::thread::sleep(Duration::from_millis(300));
-        child
-    };
+    let port = free_port();
+    let start = || own_redis(port, &[]);
     let mut server = start();
     let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
         .await

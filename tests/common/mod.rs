@@ -152,6 +152,18 @@ pub fn quoted_key(key: &str) -> String {
     format!("\"{}\"", key.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
+/// A key no other test run uses: `name`, this process and the time, with
+/// the characters the Debug form of a time adds and a key may not hold
+/// removed.
+pub fn unique_key(name: &str) -> String {
+    format!(
+        "{name}-{}-{:?}",
+        std::process::id(),
+        std::time::SystemTime::now()
+    )
+    .replace([' ', '{', '}', ':', ','], "")
+}
+
 pub fn post(path: &str, key: Option<&str>, body: &str) -> Request<Full<Bytes>> {
     let mut builder = Request::post(path).header("content-type", "application/json");
     if let Some(key) = key {
