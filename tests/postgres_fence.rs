@@ -1,7 +1,9 @@
 //! A handler's fence inside its own PostgreSQL transaction
 //! (`PostgresStore::fence_in`), against a real server: while that
-//! transaction is open, the record's row is locked, and retries of the key
-//! must still be answered at once.
+//! transaction is open, the record's row is locked. Retries of the key must
+//! still be answered at once, and a retry that takes over a lease lapsed
+//! meanwhile must learn how that transaction ended: a recovery if it
+//! committed, a fresh run if it rolled back, never a second charge.
 #![cfg(feature = "postgres")]
 
 mod common;
@@ -11,12 +13,16 @@ mod postgres;
 use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use common::{post, unique_key};
+use common::{post, read, unique_key};
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use tokio::sync::{oneshot, Mutex};
-use tower::{Layer, ServiceExt};
-use tower_idempotency::{body::RequestBody, store::PostgresStore, Execution, IdempotencyLayer};
+use tower::{util::BoxCloneSyncService, Layer, ServiceExt};
+use tower_idempotency::{
+    body::{RequestBody, ResponseBody},
+    store::PostgresStore,
+    Execution, IdempotencyLayer,
+};
 
 /// A retry that arrives while the holder has fenced its key and not yet
 /// committed gets 409 while that transaction is still open: it reads the
@@ -65,4 +71,191 @@ async fn a_retry_is_answered_while_the_holders_fencing_transaction_is_open() {
     commit_tx.send(()).unwrap();
     let first = first.await.unwrap().unwrap();
     assert_eq!(first.status(), StatusCode::CREATED);
+}
+
+type Payments =
+    BoxCloneSyncService<Request<Full<Bytes>>, Response<ResponseBody<Full<Bytes>>>, Infallible>;
+
+/// What the first run's fencing transaction does once the test lets it go.
+#[derive(Clone, Copy, Debug)]
+enum End {
+    Commit,
+    RollBack,
+}
+
+/// A payment handler that fences its key in the transaction that records
+/// the charge, and renders the recorded charge on a recovery. The first
+/// run says when it has fenced and holds its transaction open until told
+/// how to end it; later runs go straight through.
+fn payments(
+    store: &PostgresStore,
+    pool: &sqlx::PgPool,
+) -> (Payments, oneshot::Receiver<()>, oneshot::Sender<End>) {
+    let (fenced_tx, fenced) = oneshot::channel::<()>();
+    let (end_tx, end) = oneshot::channel::<End>();
+    let first_run = Arc::new(Mutex::new(Some((fenced_tx, end))));
+    let (store, pool) = (store.clone(), pool.clone());
+    let layer = IdempotencyLayer::new(store.clone())
+        .with_lease(LEASE)
+        // Never renewed: the first run's lease lapses while it stalls.
+        .with_max_hold(Duration::ZERO);
+    let svc = layer.layer(tower::service_fn(
+        move |request: Request<RequestBody<Full<Bytes>>>| {
+            let (pool, store, first_run) = (pool.clone(), store.clone(), Arc::clone(&first_run));
+            async move {
+                let execution = request.extensions().get::<Execution>().unwrap().clone();
+                let key = execution.record_key().as_bytes().to_vec();
+                if execution.is_recovery() {
+                    let charges: i64 =
+                        sqlx::query_scalar("SELECT count(*) FROM charges WHERE record_key = $1")
+                            .bind(&key)
+                            .fetch_one(&pool)
+                            .await
+                            .unwrap();
+                    return Ok::<_, Infallible>(answer(StatusCode::OK, charges));
+                }
+                let first_run = first_run.lock().await.take();
+                let mut tx = pool.begin().await.unwrap();
+                if store.fence_in(&mut tx, &execution).await.is_err() {
+                    return Ok(answer(StatusCode::CONFLICT, 0));
+                }
+                sqlx::query("INSERT INTO charges (record_key) VALUES ($1)")
+                    .bind(&key)
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                let end = match first_run {
+                    Some((fenced, end)) => {
+                        fenced.send(()).unwrap();
+                        end.await.unwrap()
+                    }
+                    None => End::Commit,
+                };
+                match end {
+                    End::Commit => tx.commit().await.unwrap(),
+                    End::RollBack => {
+                        tx.rollback().await.unwrap();
+                        return Ok(answer(StatusCode::SERVICE_UNAVAILABLE, 0));
+                    }
+                }
+                Ok(answer(StatusCode::CREATED, 1))
+            }
+        },
+    ));
+    (BoxCloneSyncService::new(svc), fenced, end_tx)
+}
+
+const LEASE: Duration = Duration::from_millis(100);
+
+fn answer(status: StatusCode, charges: i64) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{{\"charges\":{charges}}}"))));
+    *response.status_mut() = status;
+    response
+}
+
+/// A store on a table of its own, and the charges table its handler writes.
+async fn store_and_charges(table: &str) -> (PostgresStore, sqlx::PgPool) {
+    let pool = sqlx::PgPool::connect(&postgres::fresh_database(table).await)
+        .await
+        .unwrap();
+    let store = PostgresStore::new(pool.clone()).with_table(table).unwrap();
+    store.migrate().await.unwrap();
+    sqlx::raw_sql("CREATE TABLE charges (record_key BYTEA NOT NULL)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    (store, pool)
+}
+
+/// Waits until a statement on `table` waits for a row lock.
+async fn until_a_statement_waits_on(pool: &sqlx::PgPool, table: &str) {
+    for _ in 0..1000 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%' || $1 || '%'",
+        )
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no statement on {table} waited for a row lock");
+}
+
+async fn charges_for(pool: &sqlx::PgPool) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM charges")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+/// What each request of a takeover came to, and what was charged.
+struct Takeover {
+    first: StatusCode,
+    retry: (http::response::Parts, Bytes),
+    replay: (http::response::Parts, Bytes),
+    charges: i64,
+}
+
+/// The holder fences, then stalls past its lease with its transaction
+/// open; a retry takes the key over and waits on the row until the
+/// holder's transaction ends as `end` says; then one more retry.
+async fn takeover_of_a_stalled_fence(table: &str, end: End) -> Takeover {
+    let (store, pool) = store_and_charges(table).await;
+    let (svc, fenced, end_tx) = payments(&store, &pool);
+    let key = unique_key(table);
+    let request = || post("/payments", Some(&key), "{\"amount\":1}");
+    let first = tokio::spawn(svc.clone().oneshot(request()));
+    fenced.await.unwrap();
+    tokio::time::sleep(LEASE * 3).await;
+    let retry = tokio::spawn(svc.clone().oneshot(request()));
+    until_a_statement_waits_on(&pool, table).await;
+    end_tx.send(end).unwrap();
+    let retry = read(retry.await.unwrap().unwrap()).await;
+    let first = first.await.unwrap().unwrap().status();
+    let replay = read(svc.oneshot(request()).await.unwrap()).await;
+    Takeover {
+        first,
+        retry,
+        replay,
+        charges: charges_for(&pool).await,
+    }
+}
+
+/// Once the stalled holder commits, the retry is a recovery: it renders
+/// the one charge and charges nothing, and later retries replay that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_waiting_on_the_holders_fencing_transaction_recovers_once_it_commits() {
+    let takeover = takeover_of_a_stalled_fence("takeover_commit", End::Commit).await;
+    assert_eq!(takeover.first, StatusCode::CREATED);
+    let (retry, body) = takeover.retry;
+    assert_eq!(
+        (retry.status, &body[..]),
+        (StatusCode::OK, &b"{\"charges\":1}"[..])
+    );
+    let (replay, body) = takeover.replay;
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(
+        (replay.status, &body[..]),
+        (StatusCode::OK, &b"{\"charges\":1}"[..])
+    );
+    assert_eq!(takeover.charges, 1);
+}
+
+/// If the stalled holder's transaction rolls back instead, nothing was
+/// charged: the waiting retry runs the request afresh and charges once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_waiting_on_the_holders_fencing_transaction_runs_afresh_once_it_rolls_back() {
+    let takeover = takeover_of_a_stalled_fence("takeover_rollback", End::RollBack).await;
+    assert_eq!(takeover.first, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(takeover.retry.0.status, StatusCode::CREATED);
+    let replay = takeover.replay.0;
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(replay.status, StatusCode::CREATED);
+    assert_eq!(takeover.charges, 1);
 }
