@@ -13,19 +13,16 @@ mod common;
 
 #[cfg(all(feature = "postgres", feature = "redis", feature = "conformance"))]
 fn main() {
-    use std::time::Duration;
-
     use tower_idempotency::{
-        key::{Fingerprint, RecordKey},
-        store::{BeginOutcome, Completion, PostgresStore, RedisStore},
+        key::RecordKey,
+        store::{PostgresStore, RedisStore},
         Store,
     };
 
-    use crate::common::{raw_postgres, raw_redis};
-
-    const FP: Fingerprint = Fingerprint::from_bytes([1; 32]);
-    const LEASE: Duration = Duration::from_secs(60);
-    const TTL: Duration = Duration::from_secs(600);
+    use crate::common::{
+        raw_postgres, raw_redis,
+        store_steps::{first_use, replay, store_hot},
+    };
 
     let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set"));
     let (store_name, step) = (var("STORE"), var("STEP"));
@@ -70,30 +67,11 @@ fn main() {
             }
             other => panic!("STORE must be postgres or redis, not {other:?}"),
         };
-        if let Ok(BeginOutcome::Acquired(token)) = store.begin(&hot, &FP, LEASE).await {
-            store
-                .complete(&hot, token, Completion::Response(encoded.clone()), TTL)
-                .await
-                .expect("complete");
-        }
+        store_hot(&*store, &hot, &encoded).await;
         for i in 0..calls {
             match (step.as_str(), &raw) {
-                ("first_use", _) => {
-                    let k = key(i);
-                    let Ok(BeginOutcome::Acquired(token)) = store.begin(&k, &FP, LEASE).await
-                    else {
-                        panic!("a fresh key must be acquired")
-                    };
-                    let record = Completion::Response(encoded.clone());
-                    store
-                        .complete(&k, token, record, TTL)
-                        .await
-                        .expect("complete");
-                }
-                ("replay", _) => assert!(matches!(
-                    store.begin(&hot, &FP, LEASE).await,
-                    Ok(BeginOutcome::Completed(_))
-                )),
+                ("first_use", _) => first_use(&*store, &key(i), encoded.clone()).await,
+                ("replay", _) => replay(&*store, &hot).await,
                 ("raw_first_use", Raw::Postgres(pool)) => {
                     raw_postgres::insert_then_update(pool, &key(i), &encoded).await
                 }

@@ -29,7 +29,10 @@ mod real {
         IdempotencyLayer, Store,
     };
 
-    use crate::common::{drain, handler, raw_postgres, raw_redis, request};
+    use crate::common::{
+        drain, handler, raw_postgres, raw_redis, request,
+        store_steps::{first_use, replay, store_hot},
+    };
 
     /// Counts the calls the layer makes to a store; each call of the shipped
     /// stores is one round trip (one command or script, one statement).
@@ -349,30 +352,6 @@ mod real {
         println!();
     }
 
-    const FP: Fingerprint = Fingerprint::from_bytes([1; 32]);
-    const LEASE: Duration = Duration::from_secs(60);
-    const TTL: Duration = Duration::from_secs(600);
-
-    /// A first use as the layer makes it: `begin` on a fresh key, then
-    /// `complete` with the encoded response.
-    async fn first_use(store: &impl Store, key: &RecordKey, record: Bytes) {
-        let Ok(BeginOutcome::Acquired(token)) = store.begin(key, &FP, LEASE).await else {
-            panic!("a fresh key must be acquired")
-        };
-        store
-            .complete(key, token, Completion::Response(record), TTL)
-            .await
-            .unwrap();
-    }
-
-    /// A replay as the layer makes it: one `begin` on a completed key.
-    async fn replay(store: &impl Store, key: &RecordKey) {
-        assert!(matches!(
-            store.begin(key, &FP, LEASE).await,
-            Ok(BeginOutcome::Completed(_))
-        ));
-    }
-
     /// A handler whose effect is a row in `bench_effects`, inserted in a
     /// transaction of its own, with or without the layer's fence in it.
     fn effect_handler(
@@ -505,15 +484,8 @@ mod real {
 
             let hot = key(u64::MAX);
             rt.block_on(async {
-                // Left from an earlier run, the hot key is already completed.
-                for store in [&redis_store as &dyn Store, &pg_store] {
-                    if let Ok(BeginOutcome::Acquired(token)) = store.begin(&hot, &FP, LEASE).await {
-                        store
-                            .complete(&hot, token, Completion::Response(encoded.clone()), TTL)
-                            .await
-                            .unwrap();
-                    }
-                }
+                store_hot(&redis_store, &hot, &encoded).await;
+                store_hot(&pg_store, &hot, &encoded).await;
                 raw_redis::store_hot(&mut raw_conn.clone(), &encoded).await;
                 raw_postgres::store_hot(&pool, &hot, &encoded).await;
             });
@@ -597,12 +569,7 @@ mod real {
         });
         let hot = key(u64::MAX - 1);
         rt.block_on(async {
-            if let Ok(BeginOutcome::Acquired(token)) = store.begin(&hot, &FP, LEASE).await {
-                store
-                    .complete(&hot, token, Completion::Response(encoded.clone()), TTL)
-                    .await
-                    .unwrap();
-            }
+            store_hot(&store, &hot, encoded).await;
             raw_redis::store_hot(&mut raw.clone(), encoded).await;
         });
         let calls = if in_flight == 1 { 500 } else { 4_000 };

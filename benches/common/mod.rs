@@ -1,10 +1,11 @@
-//! The handler and requests every bench shares.
+//! The handler, requests and store steps the benches share.
 #![allow(dead_code, unreachable_pub)]
 
 #[cfg(feature = "postgres")]
 pub mod raw_postgres;
 #[cfg(feature = "redis")]
 pub mod raw_redis;
+pub mod store_steps;
 
 use std::convert::Infallible;
 
