@@ -1,5 +1,6 @@
-//! Replicas that start together on a fresh PostgreSQL: every one of them
-//! creates its tables or finds them made, none crashes.
+//! Migrations on PostgreSQL: replicas that start together on a fresh
+//! database each create the store's table and function or find them made,
+//! and none crashes; a table an earlier build made is brought up to date.
 #![cfg(feature = "postgres")]
 
 #[path = "common/postgres.rs"]
@@ -61,4 +62,54 @@ async fn concurrent_migrations_of_one_store_all_succeed() {
     for migration in migrations {
         migration.await.unwrap().expect("every migration succeeds");
     }
+}
+
+/// A table as the first builds made it (no `effect` column, no `begin`
+/// function) is brought up to date by `migrate`, and its store then takes,
+/// completes and replays keys.
+#[tokio::test]
+async fn migrating_a_table_of_an_earlier_build_makes_it_usable() {
+    use std::time::Duration;
+
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::{BeginOutcome, Completion, PostgresStore},
+        Store,
+    };
+
+    let database = postgres::fresh_database("migrate_earlier").await;
+    let pool = sqlx::PgPool::connect(&database).await.unwrap();
+    sqlx::raw_sql(
+        "CREATE TABLE idempotency_records (
+             key BYTEA PRIMARY KEY, fingerprint BYTEA NOT NULL, state SMALLINT NOT NULL,
+             token BYTEA NOT NULL, lease_until TIMESTAMPTZ, response BYTEA,
+             expires_at TIMESTAMPTZ NOT NULL);
+         CREATE INDEX idempotency_records_expires_at ON idempotency_records (expires_at);",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let store = PostgresStore::new(pool);
+    store
+        .migrate()
+        .await
+        .expect("the earlier table is migrated");
+
+    let (key, fingerprint) = (
+        RecordKey::new(b"", "earlier"),
+        Fingerprint::from_bytes([7; 32]),
+    );
+    let lease = Duration::from_secs(60);
+    let Ok(BeginOutcome::Acquired(token)) = store.begin(&key, &fingerprint, lease).await else {
+        panic!("a fresh key is acquired on the migrated table");
+    };
+    let record = bytes::Bytes::from_static(b"record");
+    store
+        .complete(&key, token, Completion::Response(record.clone()), lease)
+        .await
+        .unwrap();
+    assert!(matches!(
+        store.begin(&key, &fingerprint, lease).await,
+        Ok(BeginOutcome::Completed(found)) if found == record
+    ));
 }

@@ -21,9 +21,12 @@ use sql::{COMPLETED, IN_FLIGHT, NOT_REPLAYABLE};
 /// Records live in one table (default `idempotency_records`): run
 /// [`migrate`](Self::migrate) at start-up, or put
 /// [`migration_sql`](Self::migration_sql) into your own migrations. Each
-/// operation is a single statement; taking a lock is an
-/// `INSERT … ON CONFLICT … DO UPDATE … WHERE expired`, atomic under
-/// concurrent inserts. Expired rows are never returned, and are deleted by
+/// operation is a single statement. `begin` calls a PL/pgSQL function that
+/// the migration creates next to the table (`<table>_begin_v1`): it reads
+/// the key, so that a replay takes no row lock, and only on a miss takes
+/// it with an `INSERT … ON CONFLICT … DO UPDATE … WHERE expired`, atomic
+/// under concurrent inserts. The function returns the table's row type, so
+/// dropping the table takes `DROP TABLE … CASCADE`. Expired rows are never returned, and are deleted by
 /// [`delete_expired`](Self::delete_expired), which
 /// [`spawn_cleanup`](Self::spawn_cleanup) runs on a schedule.
 ///
@@ -85,19 +88,20 @@ impl PostgresStore {
         Ok(self)
     }
 
-    /// The SQL that creates the table and its expiry index, if missing,
-    /// and adds the columns a table made by an earlier build lacks. Run it
-    /// inside a transaction that first takes `pg_advisory_xact_lock`, as
-    /// [`migrate`](Self::migrate) does, if several processes may run it at
-    /// once.
+    /// The SQL that creates the table, its expiry index and the function
+    /// `begin` calls, if missing, and adds the columns a table made by an
+    /// earlier build lacks. Run it inside a transaction that first takes
+    /// `pg_advisory_xact_lock`, as [`migrate`](Self::migrate) does, if
+    /// several processes may run it at once. A table migrated by an
+    /// earlier build needs it run again: its `begin` function is new.
     pub fn migration_sql(&self) -> String {
         sql::migration(&self.table)
     }
 
-    /// Creates the table and index if they do not exist. Any number of
-    /// processes may run it at once on a fresh database: an advisory lock
-    /// on the table's name lets one create while the others wait, then
-    /// find it made. (`CREATE TABLE IF NOT EXISTS` alone is not safe under
+    /// Creates the table, index and function if they do not exist. Any
+    /// number of processes may run it at once on a fresh database: an
+    /// advisory lock on the table's name lets one create while the others
+    /// wait, then find it made. (`CREATE TABLE IF NOT EXISTS` alone is not safe under
     /// concurrency in PostgreSQL: two creators race on the catalog.)
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // One simple query: PostgreSQL runs its statements as one implicit
@@ -240,42 +244,40 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<BeginOutcome, StoreError> {
         let token = LockToken::random();
-        // No row comes back when the statement's snapshot and its conflict
-        // check disagree: a row committed by a racing insert after the
-        // snapshot, or one that looked expired or recoverable but was taken
-        // over, completed or fenced before the check. The next attempt
-        // sees it.
+        // The function's read and its insert's conflict check can disagree
+        // (see `sql::begin_function`); the next attempt sees the row.
         for _ in 0..3 {
             let row = sqlx::query(&self.sql.begin)
                 .bind(&key.as_bytes()[..])
                 .bind(&fingerprint.as_bytes()[..])
                 .bind(&token_bytes(token)[..])
                 .bind(millis(lease))
-                .fetch_optional(&self.pool)
+                .fetch_one(&self.pool)
                 .await
                 .map_err(StoreError::backend)?;
-            let Some(row) = row else { continue };
-            if row
-                .try_get::<bool, _>("acquired")
+            let Some(state) = row
+                .try_get::<Option<i16>, _>(0)
                 .map_err(StoreError::backend)?
-            {
-                let recovered: bool = row.try_get("recovered").map_err(StoreError::backend)?;
+            else {
+                continue;
+            };
+            let holder: Vec<u8> = row.try_get(1).map_err(StoreError::backend)?;
+            if holder == token_bytes(token) {
+                let recovered: bool = row.try_get(2).map_err(StoreError::backend)?;
                 return Ok(if recovered {
                     BeginOutcome::Recover(token)
                 } else {
                     BeginOutcome::Acquired(token)
                 });
             }
-            let found: Vec<u8> = row.try_get("fingerprint").map_err(StoreError::backend)?;
+            let found: Vec<u8> = row.try_get(3).map_err(StoreError::backend)?;
             if found != fingerprint.as_bytes() {
                 return Ok(BeginOutcome::Mismatch);
             }
-            let state: i16 = row.try_get("state").map_err(StoreError::backend)?;
             return Ok(match state {
                 IN_FLIGHT => BeginOutcome::InFlight,
                 COMPLETED => BeginOutcome::Completed(Bytes::from(
-                    row.try_get::<Vec<u8>, _>("response")
-                        .map_err(StoreError::backend)?,
+                    row.try_get::<Vec<u8>, _>(4).map_err(StoreError::backend)?,
                 )),
                 NOT_REPLAYABLE => BeginOutcome::NotReplayable,
                 _ => return Err(DecodeError("unknown record state").into()),
@@ -297,9 +299,9 @@ impl Store for PostgresStore {
             .bind(&token[..]);
         // The record is kept as the layer encoded it, and handed back as
         // it is: neither direction decodes it.
-        let query = match outcome {
-            Completion::Response(record) => query.bind(COMPLETED).bind(record.to_vec()),
-            Completion::NotReplayable => query.bind(NOT_REPLAYABLE).bind(None::<Vec<u8>>),
+        let query = match &outcome {
+            Completion::Response(record) => query.bind(COMPLETED).bind(Some(&record[..])),
+            Completion::NotReplayable => query.bind(NOT_REPLAYABLE).bind(None::<&[u8]>),
         };
         self.held(query.bind(millis(ttl))).await
     }
