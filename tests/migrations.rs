@@ -1,6 +1,7 @@
 //! Migrations on PostgreSQL: replicas that start together on a fresh
 //! database each create the store's table and function or find them made,
-//! and none crashes; a table an earlier build made is brought up to date.
+//! and none crashes; a table an earlier build made is brought up to date;
+//! a tenant's schema gets its own; names PostgreSQL would cut are refused.
 #![cfg(feature = "postgres")]
 
 #[path = "common/postgres.rs"]
@@ -112,4 +113,92 @@ async fn migrating_a_table_of_an_earlier_build_makes_it_usable() {
         store.begin(&key, &fingerprint, lease).await,
         Ok(BeginOutcome::Completed(found)) if found == record
     ));
+}
+
+/// With a schema per tenant ahead of `public` on the search path, a tenant's
+/// store gets an index and a function of its own beside its table, even
+/// though `public` already has a store of the same name, and its records
+/// go to its own table.
+#[tokio::test]
+async fn a_tenants_schema_gets_its_own_index_and_function() {
+    use std::{str::FromStr, time::Duration};
+
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::{BeginOutcome, PostgresStore},
+        Store,
+    };
+
+    let database = postgres::fresh_database("migrate_tenant").await;
+    let public = sqlx::PgPool::connect(&database).await.unwrap();
+    PostgresStore::new(public.clone()).migrate().await.unwrap();
+    sqlx::raw_sql("CREATE SCHEMA tenant_a")
+        .execute(&public)
+        .await
+        .unwrap();
+    let options = PgConnectOptions::from_str(&database)
+        .unwrap()
+        .options([("search_path", "tenant_a,public")]);
+    let tenant = PgPoolOptions::new().connect_with(options).await.unwrap();
+    let store = PostgresStore::new(tenant);
+    store.migrate().await.unwrap();
+
+    let made: Vec<String> = sqlx::query_scalar(
+        "SELECT relname::text FROM pg_class WHERE relnamespace = 'tenant_a'::regnamespace
+         UNION ALL
+         SELECT proname::text FROM pg_proc WHERE pronamespace = 'tenant_a'::regnamespace
+         ORDER BY 1",
+    )
+    .fetch_all(&public)
+    .await
+    .unwrap();
+    for name in [
+        "idempotency_records",
+        "idempotency_records_begin_v1",
+        "idempotency_records_expires_at",
+    ] {
+        assert!(made.iter().any(|m| m == name), "{name} not in {made:?}");
+    }
+    let key = RecordKey::new(b"", "tenant");
+    let fingerprint = Fingerprint::from_bytes([3; 32]);
+    assert!(matches!(
+        store
+            .begin(&key, &fingerprint, Duration::from_secs(60))
+            .await,
+        Ok(BeginOutcome::Acquired(_))
+    ));
+    let rows = |table: &'static str| {
+        let public = public.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(&format!("SELECT count(*) FROM {table}"))
+                .fetch_one(&public)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(rows("tenant_a.idempotency_records").await, 1);
+    assert_eq!(rows("public.idempotency_records").await, 0);
+}
+
+/// PostgreSQL cuts names to 63 bytes, so two long table names could share
+/// an index or a function: a table whose index name would be cut is
+/// refused, as is anything but a plain, optionally qualified, name.
+#[tokio::test]
+async fn table_names_that_would_be_cut_or_are_not_plain_are_refused() {
+    use tower_idempotency::store::PostgresStore;
+
+    let pool = sqlx::PgPool::connect_lazy("postgres://127.0.0.1:1/unused").unwrap();
+    let store = || PostgresStore::new(pool.clone());
+    let longest = "t".repeat(52);
+    assert!(store().with_table(&longest).is_ok());
+    for refused in [
+        "t".repeat(53),
+        format!("s.{}", "t".repeat(51)),
+        "records; DROP TABLE x".to_owned(),
+        "a.b.c".to_owned(),
+    ] {
+        let err = store().with_table(&refused).unwrap_err();
+        assert!(err.to_string().contains(&refused), "{err}");
+    }
 }

@@ -21,12 +21,16 @@ use sql::{COMPLETED, IN_FLIGHT, NOT_REPLAYABLE};
 /// Records live in one table (default `idempotency_records`): run
 /// [`migrate`](Self::migrate) at start-up, or put
 /// [`migration_sql`](Self::migration_sql) into your own migrations. Each
-/// operation is a single statement. `begin` calls a PL/pgSQL function that
-/// the migration creates next to the table (`<table>_begin_v1`): it reads
+/// operation is one round trip. `begin` calls a PL/pgSQL function that the
+/// migration creates in the table's schema (`<table>_begin_v1`): it reads
 /// the key, so that a replay takes no row lock, and only on a miss takes
 /// it with an `INSERT … ON CONFLICT … DO UPDATE … WHERE expired`, atomic
-/// under concurrent inserts. The function returns the table's row type, so
-/// dropping the table takes `DROP TABLE … CASCADE`. Expired rows are never returned, and are deleted by
+/// under concurrent inserts. The other operations are single statements.
+/// The migration needs `CREATE` on the table's schema once, to make the
+/// function; the application's role needs `EXECUTE` on it (which
+/// PostgreSQL grants to everyone unless told otherwise). The function
+/// returns the table's row type, so dropping the table takes `DROP TABLE
+/// … CASCADE`. Expired rows are never returned, and are deleted by
 /// [`delete_expired`](Self::delete_expired), which
 /// [`spawn_cleanup`](Self::spawn_cleanup) runs on a schedule.
 ///
@@ -81,6 +85,12 @@ impl PostgresStore {
         if parts.len() > 2 || !parts.iter().all(|p| valid(p)) {
             return Err(StoreError::backend(format!(
                 "{table:?} is not a plain table name"
+            )));
+        }
+        if !sql::Names::of(table).fit() {
+            return Err(StoreError::backend(format!(
+                "{table:?} is too long: the names of its index and function must fit \
+                 PostgreSQL's 63 bytes"
             )));
         }
         self.sql = Arc::new(Statements::for_table(table));

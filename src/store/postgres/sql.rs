@@ -8,12 +8,7 @@ pub(super) const NOT_REPLAYABLE: i16 = 2;
 /// expires with its lease (`expires_at` = `lease_until`) until it is
 /// fenced (`effect`); a fenced or completed row expires with its TTL.
 pub(super) fn migration(t: &str) -> String {
-    let index = t.replace('.', "_");
-    // An index lives in its table's schema.
-    let qualified_index = match t.split_once('.') {
-        Some((schema, _)) => format!("{schema}.{index}"),
-        None => index.clone(),
-    };
+    let names = Names::of(t);
     format!(
         "CREATE TABLE IF NOT EXISTS {t} (
     key         BYTEA PRIMARY KEY,
@@ -26,31 +21,74 @@ pub(super) fn migration(t: &str) -> String {
     expires_at  TIMESTAMPTZ NOT NULL
 );
 DO $$
+DECLARE
+    home REGNAMESPACE := (SELECT relnamespace FROM pg_class WHERE oid = to_regclass('{t}'));
+    path TEXT := current_setting('search_path');
 BEGIN
     -- Only a table made by an earlier build is altered, and only a table
     -- without the index indexed: both lock the table, which every replica
-    -- starting would otherwise do.
+    -- starting would otherwise do. The index and the function are looked
+    -- for in the table's own schema, where they are made: another schema
+    -- on the search path may have its own.
     IF NOT EXISTS (SELECT 1 FROM pg_attribute
                    WHERE attrelid = to_regclass('{t}') AND attname = 'effect') THEN
         ALTER TABLE {t} ADD COLUMN effect BOOLEAN NOT NULL DEFAULT FALSE;
     END IF;
-    IF to_regclass('{qualified_index}_expires_at') IS NULL THEN
-        CREATE INDEX {index}_expires_at ON {t} (expires_at);
+    IF NOT EXISTS (SELECT 1 FROM pg_class
+                   WHERE relname = '{index}' AND relnamespace = home) THEN
+        CREATE INDEX {index} ON {t} (expires_at);
     END IF;
     -- A function's body never changes under one name: a new body gets a
     -- new name, so that replicas of an older build keep theirs.
-    IF to_regprocedure('{begin}(bytea, bytea, bytea, bigint)') IS NULL THEN
+    IF NOT EXISTS (SELECT 1 FROM pg_proc
+                   WHERE proname = '{function}' AND pronamespace = home) THEN
+        PERFORM set_config('search_path', home::text, true);
         {begin_function}
+        PERFORM set_config('search_path', path, true);
     END IF;
 END $$;
 ",
-        begin = begin_function_name(t),
-        begin_function = begin_function(t),
+        index = names.index,
+        function = names.function,
+        begin_function = begin_function(t, &names),
     )
 }
 
-fn begin_function_name(t: &str) -> String {
-    format!("{t}_begin_v1")
+/// What the migration names after a table, unqualified and as PostgreSQL
+/// folds unquoted names: its index, and the function `begin` calls, both in
+/// the table's schema.
+pub(super) struct Names {
+    pub(super) index: String,
+    pub(super) function: String,
+    /// The table's own name, without its schema.
+    table: String,
+}
+
+impl Names {
+    pub(super) fn of(t: &str) -> Self {
+        let t = t.to_ascii_lowercase();
+        let table = t.rsplit('.').next().unwrap_or(&t).to_owned();
+        Self {
+            index: format!("{}_expires_at", t.replace('.', "_")),
+            function: format!("{table}_begin_v1"),
+            table,
+        }
+    }
+
+    /// Whether PostgreSQL keeps every name whole: it cuts longer ones to
+    /// 63 bytes, and two tables could then share an index or a function.
+    pub(super) fn fit(&self) -> bool {
+        self.index.len() <= 63 && self.function.len() <= 63
+    }
+}
+
+/// The function as `begin` calls it: in the table's schema, if the table
+/// is qualified, and otherwise found on the search path as the table is.
+fn begin_function_call(t: &str) -> String {
+    match t.rsplit_once('.') {
+        Some((schema, _)) => format!("{schema}.{}", Names::of(t).function),
+        None => Names::of(t).function,
+    }
 }
 
 /// `begin` as a function: it reads the key first, so that a replay or a
@@ -68,10 +106,10 @@ fn begin_function_name(t: &str) -> String {
 /// completed or fenced before the check. Returning the table's own row
 /// type, which PostgreSQL keeps cached, costs less per call than `OUT`
 /// parameters, whose row type is rebuilt from the catalog on every call.
-fn begin_function(t: &str) -> String {
+fn begin_function(t: &str, names: &Names) -> String {
     format!(
-        "CREATE FUNCTION {name}(k BYTEA, fp BYTEA, tok BYTEA, lease_ms BIGINT)
-        RETURNS {t} LANGUAGE plpgsql AS $begin$
+        "CREATE FUNCTION {function}(k BYTEA, fp BYTEA, tok BYTEA, lease_ms BIGINT)
+        RETURNS {table} LANGUAGE plpgsql AS $begin$
         DECLARE
             found_row {t};
         BEGIN
@@ -102,7 +140,8 @@ fn begin_function(t: &str) -> String {
             RETURNING * INTO found_row;
             RETURN found_row;
         END $begin$;",
-        name = begin_function_name(t),
+        function = names.function,
+        table = names.table,
     )
 }
 
@@ -120,7 +159,7 @@ impl Statements {
         Self {
             begin: format!(
                 "SELECT state, token, effect, fingerprint, response FROM {}($1, $2, $3, $4)",
-                begin_function_name(t)
+                begin_function_call(t)
             ),
             complete: format!(
                 "UPDATE {t} SET state = $3, response = $4,
