@@ -38,11 +38,14 @@ fi
 
 listening() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
-# A port on loopback that nothing listens on.
+# A port on loopback that nothing listens on, below the kernel's range for
+# outgoing connections (from 32768), so that no client's socket holds it
+# when the server binds it; a Redis Cluster node's bus (port + 10000) is
+# below that range too.
 free_port() {
   local port
   for _ in $(seq 1 200); do
-    port=$((20000 + RANDOM % 40000))
+    port=$((10000 + RANDOM % 12000))
     if ! listening "$port"; then
       echo "$port"
       return

@@ -6,6 +6,7 @@
 use std::{
     net::TcpListener,
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU16, Ordering},
     time::{Duration, Instant},
 };
 
@@ -73,12 +74,20 @@ pub struct Cluster {
     dir: std::path::PathBuf,
 }
 
-/// A port whose cluster bus (port + 10000) is free too.
+/// A port whose cluster bus (port + 10000) is free too, both below the
+/// kernel's range for outgoing connections (from 32768), so that no
+/// client's socket can take either between this check and the node's
+/// start; and none handed out twice in one process, so that two nodes
+/// starting at once never get the same one.
 fn free_port() -> u16 {
+    const FIRST: u16 = 10_000;
+    const COUNT: u16 = 12_000;
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % u32::from(COUNT)) as u16;
     loop {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let port = listener.local_addr().expect("address").port();
-        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) % COUNT;
+        let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
+        if free(port) && free(port + 10_000) {
             return port;
         }
     }
