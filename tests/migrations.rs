@@ -1,7 +1,8 @@
 //! Migrations on PostgreSQL: replicas that start together on a fresh
 //! database each create the store's table and function or find them made,
 //! and none crashes; a table an earlier build made is brought up to date;
-//! a tenant's schema gets its own; names PostgreSQL would cut are refused.
+//! a tenant's schema gets its own; names PostgreSQL would cut are refused;
+//! responses are compressed with lz4, changed only when the table is free.
 #![cfg(feature = "postgres")]
 
 #[path = "common/postgres.rs"]
@@ -201,4 +202,58 @@ async fn table_names_that_would_be_cut_or_are_not_plain_are_refused() {
         let err = store().with_table(&refused).unwrap_err();
         assert!(err.to_string().contains(&refused), "{err}");
     }
+}
+
+/// The compression of a table's responses, as `pg_attribute` records it:
+/// `l` for lz4, `p` for pglz, empty for the server's default.
+async fn response_compression(pool: &sqlx::PgPool) -> String {
+    sqlx::query_scalar(
+        "SELECT attcompression::text FROM pg_attribute
+         WHERE attrelid = 'idempotency_records'::regclass AND attname = 'response'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
+/// Long responses are compressed with lz4, which costs the server far less
+/// per first use than PostgreSQL's default pglz.
+#[tokio::test]
+async fn a_migrated_table_compresses_responses_with_lz4() {
+    let database = postgres::fresh_database("migrate_lz4").await;
+    let pool = sqlx::PgPool::connect(&database).await.unwrap();
+    tower_idempotency::store::PostgresStore::new(pool.clone())
+        .migrate()
+        .await
+        .unwrap();
+    assert_eq!(response_compression(&pool).await, "l");
+}
+
+/// Changing the compression locks the table: while a transaction holds it,
+/// a migration waits a moment, leaves the compression as it was and
+/// succeeds; the next migration, once the table is free, changes it.
+#[tokio::test]
+async fn a_migration_on_a_busy_table_leaves_its_compression_to_a_later_one() {
+    let database = postgres::fresh_database("migrate_busy").await;
+    let pool = sqlx::PgPool::connect(&database).await.unwrap();
+    let store = tower_idempotency::store::PostgresStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    sqlx::raw_sql("ALTER TABLE idempotency_records ALTER COLUMN response SET COMPRESSION pglz")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut busy = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM idempotency_records")
+        .execute(&mut *busy)
+        .await
+        .unwrap();
+
+    store
+        .migrate()
+        .await
+        .expect("a busy table does not fail the migration");
+    assert_eq!(response_compression(&pool).await, "p");
+    busy.commit().await.unwrap();
+    store.migrate().await.unwrap();
+    assert_eq!(response_compression(&pool).await, "l");
 }

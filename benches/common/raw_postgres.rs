@@ -4,12 +4,18 @@
 use bytes::Bytes;
 use tower_idempotency::key::RecordKey;
 
-/// The raw client's table, made if missing.
+/// The raw client's table, made if missing. Its body is compressed as the
+/// store's response is: with lz4 (`RAW_COMPRESSION=pglz` keeps
+/// PostgreSQL's default instead).
 pub async fn create_table(pool: &sqlx::PgPool) {
-    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS bench_raw (key BYTEA PRIMARY KEY, state SMALLINT, body BYTEA, expires_at TIMESTAMPTZ)")
-        .execute(pool)
-        .await
-        .unwrap();
+    let compression = std::env::var("RAW_COMPRESSION").unwrap_or_else(|_| "lz4".to_owned());
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE IF NOT EXISTS bench_raw (key BYTEA PRIMARY KEY, state SMALLINT, body BYTEA, expires_at TIMESTAMPTZ);
+         ALTER TABLE bench_raw ALTER COLUMN body SET COMPRESSION {compression};"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
 }
 
 /// Stores `encoded` under `key` for an hour, unless it is there already.

@@ -24,6 +24,7 @@ DO $$
 DECLARE
     home REGNAMESPACE := (SELECT relnamespace FROM pg_class WHERE oid = to_regclass('{t}'));
     path TEXT := current_setting('search_path');
+    waited TEXT := current_setting('lock_timeout');
 BEGIN
     -- Only a table made by an earlier build is altered, and only a table
     -- without the index indexed: both lock the table, which every replica
@@ -33,6 +34,24 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_attribute
                    WHERE attrelid = to_regclass('{t}') AND attname = 'effect') THEN
         ALTER TABLE {t} ADD COLUMN effect BOOLEAN NOT NULL DEFAULT FALSE;
+    END IF;
+    -- Responses long enough to be compressed are compressed with lz4,
+    -- several times cheaper than PostgreSQL's own pglz, where the server
+    -- has it (14 and later, built with lz4). The change locks the table
+    -- for a moment: on a busy table it waits a second at most, and a
+    -- later migration tries again.
+    IF current_setting('server_version_num')::int >= 140000 THEN
+        IF (SELECT attcompression FROM pg_attribute
+            WHERE attrelid = to_regclass('{t}') AND attname = 'response') <> 'l' THEN
+            BEGIN
+                PERFORM set_config('lock_timeout', '1s', true);
+                ALTER TABLE {t} ALTER COLUMN response SET COMPRESSION lz4;
+                PERFORM set_config('lock_timeout', waited, true);
+            EXCEPTION WHEN feature_not_supported OR lock_not_available THEN
+                -- The block's settings are undone with it.
+                NULL;
+            END;
+        END IF;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_class
                    WHERE relname = '{index}' AND relnamespace = home) THEN
