@@ -5,8 +5,8 @@ use bytes::Bytes;
 use tower_idempotency::key::RecordKey;
 
 /// The raw client's table, made if missing. Its body is compressed as the
-/// store's response is: with lz4 (`RAW_COMPRESSION=pglz` keeps
-/// PostgreSQL's default instead).
+/// store's response is: with lz4 (`RAW_COMPRESSION=default` leaves it
+/// to the server's default, pglz unless configured otherwise).
 pub async fn create_table(pool: &sqlx::PgPool) {
     let compression = std::env::var("RAW_COMPRESSION").unwrap_or_else(|_| "lz4".to_owned());
     sqlx::raw_sql(&format!(

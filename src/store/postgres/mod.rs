@@ -27,8 +27,10 @@ use sql::{COMPLETED, IN_FLIGHT, NOT_REPLAYABLE};
 /// it with an `INSERT … ON CONFLICT … DO UPDATE … WHERE expired`, atomic
 /// under concurrent inserts. The other operations are single statements.
 /// The migration needs `CREATE` on the table's schema once, to make the
-/// function; the application's role needs `EXECUTE` on it (which
-/// PostgreSQL grants to everyone unless told otherwise). The function
+/// function, and ownership of the table to compress its responses with
+/// lz4 (without it they keep the server's default); the application's
+/// role needs `EXECUTE` on the function (which PostgreSQL grants to
+/// everyone unless told otherwise). The function
 /// returns the table's row type, so dropping the table takes `DROP TABLE
 /// … CASCADE`. Expired rows are never returned, and are deleted by
 /// [`delete_expired`](Self::delete_expired), which

@@ -26,8 +26,8 @@ DECLARE
     path TEXT := current_setting('search_path');
     waited TEXT := current_setting('lock_timeout');
 BEGIN
-    -- Only a table made by an earlier build is altered, and only a table
-    -- without the index indexed: both lock the table, which every replica
+    -- A table is altered, and indexed, only when it lacks the column, the
+    -- compression or the index: each locks the table, which every replica
     -- starting would otherwise do. The index and the function are looked
     -- for in the table's own schema, where they are made: another schema
     -- on the search path may have its own.
@@ -37,17 +37,20 @@ BEGIN
     END IF;
     -- Responses long enough to be compressed are compressed with lz4,
     -- several times cheaper than PostgreSQL's own pglz, where the server
-    -- has it (14 and later, built with lz4). The change locks the table
-    -- for a moment: on a busy table it waits a second at most, and a
-    -- later migration tries again.
-    IF current_setting('server_version_num')::int >= 140000 THEN
+    -- has it (14 and later, built with lz4; the statement is run through
+    -- EXECUTE so that older servers never parse it). The change locks the
+    -- table: on a busy table it waits a tenth of a second at most, and a
+    -- later migration tries again; a role that does not own the table
+    -- leaves the compression as it is.
+    IF EXISTS (SELECT 1 FROM pg_settings
+               WHERE name = 'default_toast_compression' AND 'lz4' = ANY (enumvals)) THEN
         IF (SELECT attcompression FROM pg_attribute
             WHERE attrelid = to_regclass('{t}') AND attname = 'response') <> 'l' THEN
             BEGIN
-                PERFORM set_config('lock_timeout', '1s', true);
-                ALTER TABLE {t} ALTER COLUMN response SET COMPRESSION lz4;
+                PERFORM set_config('lock_timeout', '100ms', true);
+                EXECUTE 'ALTER TABLE {t} ALTER COLUMN response SET COMPRESSION lz4';
                 PERFORM set_config('lock_timeout', waited, true);
-            EXCEPTION WHEN feature_not_supported OR lock_not_available THEN
+            EXCEPTION WHEN lock_not_available OR insufficient_privilege THEN
                 -- The block's settings are undone with it.
                 NULL;
             END;
