@@ -30,9 +30,9 @@ use sql::{COMPLETED, IN_FLIGHT, NOT_REPLAYABLE};
 /// function, and ownership of the table to compress its responses with
 /// lz4 (without it they keep the server's default); the application's
 /// role needs `EXECUTE` on the function (which PostgreSQL grants to
-/// everyone unless told otherwise). The function
-/// returns the table's row type, so dropping the table takes `DROP TABLE
-/// … CASCADE`. Expired rows are never returned, and are deleted by
+/// everyone unless told otherwise). The function returns the table's row
+/// type, so dropping the table takes `DROP TABLE … CASCADE`. Expired rows
+/// are never returned, and are deleted by
 /// [`delete_expired`](Self::delete_expired), which
 /// [`spawn_cleanup`](Self::spawn_cleanup) runs on a schedule.
 ///
@@ -113,8 +113,9 @@ impl PostgresStore {
     /// Creates the table, index and function if they do not exist. Any
     /// number of processes may run it at once on a fresh database: an
     /// advisory lock on the table's name lets one create while the others
-    /// wait, then find it made. (`CREATE TABLE IF NOT EXISTS` alone is not safe under
-    /// concurrency in PostgreSQL: two creators race on the catalog.)
+    /// wait, then find it made. (`CREATE TABLE IF NOT EXISTS` alone is not
+    /// safe under concurrency in PostgreSQL: two creators race on the
+    /// catalog.)
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // One simple query: PostgreSQL runs its statements as one implicit
         // transaction, which holds the lock to its end and, if a statement
@@ -256,13 +257,14 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<BeginOutcome, StoreError> {
         let token = LockToken::random();
+        let own = token_bytes(token);
         // The function's read and its insert's conflict check can disagree
         // (see `sql::begin_function`); the next attempt sees the row.
         for _ in 0..3 {
             let row = sqlx::query(&self.sql.begin)
                 .bind(&key.as_bytes()[..])
                 .bind(&fingerprint.as_bytes()[..])
-                .bind(&token_bytes(token)[..])
+                .bind(&own[..])
                 .bind(millis(lease))
                 .fetch_one(&self.pool)
                 .await
@@ -274,7 +276,7 @@ impl Store for PostgresStore {
                 continue;
             };
             let holder: Vec<u8> = row.try_get(1).map_err(StoreError::backend)?;
-            if holder == token_bytes(token) {
+            if holder == own {
                 let recovered: bool = row.try_get(2).map_err(StoreError::backend)?;
                 return Ok(if recovered {
                     BeginOutcome::Recover(token)

@@ -107,9 +107,10 @@ impl Names {
 /// The function as `begin` calls it: in the table's schema, if the table
 /// is qualified, and otherwise found on the search path as the table is.
 fn begin_function_call(t: &str) -> String {
+    let function = Names::of(t).function;
     match t.rsplit_once('.') {
-        Some((schema, _)) => format!("{schema}.{}", Names::of(t).function),
-        None => Names::of(t).function,
+        Some((schema, _)) => format!("{schema}.{function}"),
+        None => function,
     }
 }
 
