@@ -86,15 +86,21 @@ fn keys_per_master(prefix: &str) -> Vec<(String, usize)> {
         .collect()
 }
 
+/// The layer on a store under `prefix` on the shared test cluster.
+async fn layer_on_the_shared_cluster(prefix: &str) -> IdempotencyLayer {
+    let store = RedisStore::connect_cluster(cluster::shared_nodes())
+        .await
+        .expect("connect to the test cluster");
+    IdempotencyLayer::new(store.with_prefix(prefix))
+}
+
 #[tokio::test]
 async fn records_spread_over_every_master_of_the_cluster() {
     let prefix = format!("{}:", unique_key("spread"));
-    let store = RedisStore::connect_cluster(cluster::shared_nodes())
-        .await
-        .expect("connect to the test cluster")
-        .with_prefix(prefix.clone());
     let runs = RunsPerKey::default();
-    let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+    let svc = layer_on_the_shared_cluster(&prefix)
+        .await
+        .layer(runs.handler(Duration::ZERO));
     for i in 0..300 {
         let response = tower::ServiceExt::oneshot(
             svc.clone(),
@@ -109,6 +115,34 @@ async fn records_spread_over_every_master_of_the_cluster() {
     assert_eq!(per_master.len(), 3, "{per_master:?}");
     assert!(per_master.iter().all(|(_, n)| *n > 0), "{per_master:?}");
     assert_eq!(per_master.iter().map(|(_, n)| n).sum::<usize>(), 300);
+}
+
+/// A prefix with a hash tag keeps every record on the tag's slot, and the
+/// records a `complete` stages beside them with it.
+#[tokio::test]
+async fn records_under_a_hash_tagged_prefix_share_one_master() {
+    let tag = unique_key("tagged");
+    let prefix = format!("{{{tag}}}:");
+    let runs = RunsPerKey::default();
+    let svc = layer_on_the_shared_cluster(&prefix)
+        .await
+        .layer(runs.handler(Duration::ZERO));
+    for i in 0..20 {
+        for replay in [false, true] {
+            let request = post("/payments", Some(&format!("k{i}")), "{}");
+            let response = tower::ServiceExt::oneshot(svc.clone(), request)
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::CREATED);
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            assert_eq!(replayed, replay);
+        }
+    }
+    assert_eq!(runs.twice(), 0);
+    let per_master = keys_per_master(&prefix);
+    let holding: Vec<_> = per_master.iter().filter(|(_, n)| *n > 0).collect();
+    assert_eq!(holding.len(), 1, "{per_master:?}");
+    assert_eq!(holding[0].1, 20, "{per_master:?}");
 }
 
 /// What a failover does to locks held on the master that fails: `requests`

@@ -323,9 +323,20 @@ fn free_port() -> u16 {
     listener.local_addr().unwrap().port()
 }
 
+/// A Redis server of a test's own, stopped when this is dropped, however
+/// the test ends.
+struct OwnRedis(std::process::Child);
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A Redis server of a test's own on `port`, with `settings` besides, so
 /// that what the test does to it leaves the shared test server alone.
-fn own_redis(port: u16, settings: &[&str]) -> std::process::Child {
+fn own_redis(port: u16, settings: &[&str]) -> OwnRedis {
     let child = std::process::Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
@@ -334,7 +345,7 @@ fn own_redis(port: u16, settings: &[&str]) -> std::process::Child {
         .spawn()
         .expect("redis-server is installed by scripts/test");
     std::thread::sleep(Duration::from_millis(300));
-    child
+    OwnRedis(child)
 }
 
 /// A completed record takes about its own size in Redis's memory, and
@@ -389,8 +400,9 @@ async fn redis_record_takes_about_its_own_size() {
         usage * 2 < length * 3,
         "{usage} bytes of memory for a {length}-byte record"
     );
+    // Staged records too, whose keys open with a brace.
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("memcheck:*{}*", key.to_hex()))
+        .arg(format!("*memcheck:*{}*", key.to_hex()))
         .query_async(&mut conn)
         .await
         .unwrap();
@@ -406,17 +418,9 @@ async fn redis_record_the_server_refuses_leaves_the_fenced_lock() {
         key::{Fingerprint, RecordKey},
         store::{BeginOutcome, Completion},
     };
-    /// Stops the server however the test ends.
-    struct Server(std::process::Child);
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
     // The smallest string limit Redis takes.
     let port = free_port();
-    let _server = Server(own_redis(port, &["--proto-max-bulk-len", "1mb"]));
+    let _server = own_redis(port, &["--proto-max-bulk-len", "1mb"]);
     let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
         .await
         .unwrap();
@@ -427,7 +431,7 @@ async fn redis_record_the_server_refuses_leaves_the_fenced_lock() {
         panic!("a fresh key is acquired");
     };
     store.fence(&key, token, lease).await.unwrap();
-    // Accepted as an argument, but with the record's head over the limit.
+    // Over the limit only once staged with the record's head.
     let record = bytes::Bytes::from(vec![b'r'; 1024 * 1024 - 20]);
     let completed = store
         .complete(&key, token, Completion::Response(record), lease)
@@ -443,6 +447,120 @@ async fn redis_record_the_server_refuses_leaves_the_fenced_lock() {
         matches!(recovered, Ok(BeginOutcome::Recover(_))),
         "{recovered:?}"
     );
+}
+
+/// A `complete` that finds its lock lost answers so, and deletes the
+/// record it staged beside the key.
+#[tokio::test]
+async fn redis_complete_after_a_lost_lock_leaves_no_staged_record() {
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::{BeginOutcome, Completion, StoreError},
+    };
+    let prefix = format!("{}:", unique_key("staged"));
+    let store = RedisStore::connect(&redis_url())
+        .await
+        .unwrap()
+        .with_prefix(prefix.clone());
+    let key = RecordKey::new(b"staging", &unique_key("lost"));
+    let fingerprint = Fingerprint::from_bytes([5; 32]);
+    let Ok(BeginOutcome::Acquired(first)) = store
+        .begin(&key, &fingerprint, Duration::from_millis(50))
+        .await
+    else {
+        panic!("a fresh key is acquired");
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let Ok(BeginOutcome::Acquired(_)) = store
+        .begin(&key, &fingerprint, Duration::from_secs(60))
+        .await
+    else {
+        panic!("a lapsed lease is taken");
+    };
+    let late = store
+        .complete(
+            &key,
+            first,
+            Completion::Response(bytes::Bytes::from_static(b"late")),
+            Duration::from_secs(60),
+        )
+        .await;
+    assert!(matches!(late, Err(StoreError::LockLost)), "{late:?}");
+    let mut conn = redis::Client::open(redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{prefix}*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys, [format!("{prefix}{}", key.to_hex())]);
+    assert!(matches!(
+        store
+            .begin(&key, &fingerprint, Duration::from_secs(60))
+            .await,
+        Ok(BeginOutcome::InFlight)
+    ));
+}
+
+/// A server that lost its scripts (`SCRIPT FLUSH`, a restart) between
+/// `begin` and `complete` still gets the record: the store loads the
+/// script and runs it on the record it staged.
+#[tokio::test]
+async fn redis_complete_loads_the_script_a_server_forgot() {
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::{BeginOutcome, Completion},
+    };
+    let port = free_port();
+    let _server = own_redis(port, &[]);
+    let url = format!("redis://127.0.0.1:{port}");
+    let store = RedisStore::connect(&url).await.unwrap();
+    let key = RecordKey::new(b"scripts", &unique_key("flushed"));
+    let fingerprint = Fingerprint::from_bytes([6; 32]);
+    let lease = Duration::from_secs(60);
+    let Ok(BeginOutcome::Acquired(token)) = store.begin(&key, &fingerprint, lease).await else {
+        panic!("a fresh key is acquired");
+    };
+    let mut conn = redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let (): () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    store
+        .complete(
+            &key,
+            token,
+            Completion::Response(bytes::Bytes::from_static(b"charged")),
+            lease,
+        )
+        .await
+        .unwrap();
+    let replay = store.begin(&key, &fingerprint, lease).await;
+    assert!(
+        matches!(&replay, Ok(BeginOutcome::Completed(record)) if record == "charged"),
+        "{replay:?}"
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+}
+
+#[tokio::test]
+#[should_panic(expected = "needs a hash tag")]
+async fn a_redis_prefix_with_a_closing_brace_but_no_hash_tag_is_refused() {
+    let store = RedisStore::connect(&redis_url()).await.unwrap();
+    let _ = store.with_prefix("payments}:");
 }
 
 #[tokio::test]
@@ -520,7 +638,7 @@ async fn slow_handler_on_redis_renews_its_lease() {
 async fn stopped_redis_server_answers_503_then_recovers_when_it_returns() {
     let port = free_port();
     let start = || own_redis(port, &[]);
-    let mut server = start();
+    let server = start();
     let store = RedisStore::connect(&format!("redis://127.0.0.1:{port}"))
         .await
         .unwrap();
@@ -536,8 +654,7 @@ async fn stopped_redis_server_answers_503_then_recovers_when_it_returns() {
         StatusCode::CREATED
     );
 
-    server.kill().unwrap();
-    server.wait().unwrap();
+    drop(server);
     let (status, _, problem) =
         json(send(&svc, post("/payments", Some("during"), "{}")).await).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
@@ -547,7 +664,7 @@ async fn stopped_redis_server_answers_503_then_recovers_when_it_returns() {
         .ends_with("store-unavailable"));
     assert_eq!(counter.runs(), 1, "nothing runs while the store is down");
 
-    let mut server = start();
+    let _server = start();
     let mut recovered = false;
     for _ in 0..50 {
         if send(&svc, post("/payments", Some("after"), "{}"))
@@ -560,8 +677,6 @@ async fn stopped_redis_server_answers_503_then_recovers_when_it_returns() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    server.kill().unwrap();
-    server.wait().unwrap();
     assert!(
         recovered,
         "the reconnecting connection serves again once Redis is back"

@@ -20,10 +20,19 @@ mod value;
 /// a `GET` costs. The steps that must compare a lock token before they
 /// write are server-side scripts (`EVALSHA`, loaded into a server that
 /// lacks them), as is taking over a fenced record whose lease ran out.
-/// In-flight leases and completed-record TTLs are Redis key expiries, so
-/// nothing needs sweeping. Keys are `{prefix}{hex digest}`; the prefix
-/// defaults to `idempotency:`. Needs Redis 7.0 or newer (`SET` with both
-/// `NX` and `GET`).
+/// `complete` sends the record with a native `SET` to a key beside the
+/// record's, in the same round trip as its script, which checks the lock
+/// and renames that key onto the record's: the response never passes
+/// through Lua. In-flight leases and completed-record TTLs are Redis key
+/// expiries, so nothing needs sweeping. Keys are `{prefix}{hex digest}`;
+/// the prefix defaults to `idempotency:`. A staged record's key is the
+/// record's key in braces, as its hash tag (kept as it is if the prefix has
+/// a tag of its own), then `:staged:` and the lock token in hex. It lives
+/// for the time of one round trip, and an ACL that limits the store's keys
+/// must allow it; one that its script never reached (a connection lost in
+/// between) expires with the record's TTL.
+/// Needs Redis
+/// 7.0 or newer (`SET` with both `NX` and `GET`).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
@@ -172,9 +181,25 @@ impl RedisStore {
     }
 
     /// Sets the prefix of every key this store writes.
+    ///
+    /// A prefix with a hash tag (`{payments}:`) puts every record on the
+    /// tag's one slot of a cluster; without one, records spread over the
+    /// slots by their whole key.
+    ///
+    /// # Panics
+    ///
+    /// If the prefix holds a `}` but no hash tag (a non-empty part between
+    /// a `{` and the next `}`): `complete` stages each record under a key
+    /// tagged with the record's own name, to keep it on the record's slot,
+    /// which a `}` in that name would end early.
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        let prefix = prefix.into();
+        assert!(
+            value::has_hash_tag(&prefix) || !prefix.contains('}'),
+            "a Redis key prefix with a `}}` needs a hash tag, `{{…}}`: {prefix:?}"
+        );
+        self.prefix = prefix;
         self
     }
 

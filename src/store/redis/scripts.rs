@@ -44,33 +44,32 @@ if state == 'n' then return {'not_replayable', ''} end
 return {'completed', string.sub(v, 51)}
 ";
 
-/// `ARGV`: token, new state (`c` or `n`), encoded response, TTL.
+/// `KEYS`: the record, the record staged beside it (`value.rs`). `ARGV`:
+/// token, new state (`c` or `n`).
 ///
-/// The record is written with `SETRANGE` into its key, emptied first,
-/// rather than joined in Lua: Redis's Lua hashes every byte of every
-/// string it makes, so a joined value costs Redis a second pass over the
-/// whole response. `SETRANGE` makes a missing key's string at exactly its
-/// size, where one that grows an existing string keeps room for twice it.
+/// The staged record came in with a native `SET` just before, with the
+/// record's TTL, which the rename keeps, so the response never becomes a
+/// Lua string: Redis's Lua hashes every byte of every string it makes,
+/// and each `redis.call` costs Redis about what a command of its own does. The script renames the staged record onto the
+/// record's key and writes its head from the lock, where the fingerprint
+/// is; the staged key is deleted whenever the lock is not the caller's.
 pub(super) const COMPLETE: &str = r"
-local k = KEYS[1]
+local k, staged = KEYS[1], KEYS[2]
 local v = redis.call('GET', k)
-if not v then return 0 end
-local state = string.sub(v, 1, 1)
-local held = string.sub(v, 35, 50) == ARGV[1]
+local held = v and string.sub(v, 35, 50) == ARGV[1]
 -- Completed by this token already: a client retry of this very call.
-if held and state == ARGV[2] then return 1 end
-if state ~= 'i' or not held then return 0 end
-local lease = redis.call('PTTL', k)
-redis.call('DEL', k)
-local written = redis.pcall('SETRANGE', k, 50, ARGV[3])
-if type(written) == 'table' and written.err then
-  -- A record longer than this server's strings may be: the lock is put
-  -- back as it was, so a fenced key is still recovered, never run again.
-  redis.call('SET', k, v, 'PX', math.max(lease, 1))
-  return written
+if held and string.sub(v, 1, 1) == ARGV[2] then
+  redis.call('DEL', staged)
+  return 1
 end
+if not held or string.sub(v, 1, 1) ~= 'i' then
+  redis.call('DEL', staged)
+  return 0
+end
+-- Refused, and the lock left as it was, if nothing is staged.
+local renamed = redis.pcall('RENAME', staged, k)
+if type(renamed) == 'table' and renamed.err then return renamed end
 redis.call('SETRANGE', k, 0, ARGV[2] .. '0' .. string.sub(v, 3, 50))
-redis.call('PEXPIRE', k, ARGV[4])
 return 1
 ";
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::Script;
+use redis::{ErrorKind, RedisResult, Script, ServerErrorKind};
 
 use super::{value, value::Found, RedisStore};
 use crate::{
@@ -184,15 +184,41 @@ impl Store for RedisStore {
             Completion::Response(record) => ("c", record),
             Completion::NotReplayable => ("n", Bytes::new()),
         };
-        self.held(&self.scripts.complete, key, |script| {
-            script
-                .arg(&value::token_bytes(token)[..])
-                .arg(state)
-                .arg(&record[..])
-                .arg(expiry_millis(ttl));
-        })
-        .await?;
-        self.replicated(&self.key(key), ttl).await
+        let name = self.key(key);
+        let staged = value::staged_name(&name, token);
+        let mut invocation = self.scripts.complete.key(&name);
+        invocation
+            .key(&staged)
+            .arg(&value::token_bytes(token)[..])
+            .arg(state);
+        // One round trip: the record is staged, then the script moves it.
+        let mut stage_and_complete = redis::pipe();
+        stage_and_complete
+            .ignore_errors()
+            .cmd("SET")
+            .arg(&staged)
+            .arg(value::Staged(&record))
+            .arg("PX")
+            .arg(expiry_millis(ttl))
+            .invoke_script(&invocation);
+        let (staged_answer, completed): (RedisResult<()>, RedisResult<i64>) = self
+            .connection
+            .pipeline(&stage_and_complete)
+            .await
+            .map_err(StoreError::backend)?;
+        staged_answer.map_err(StoreError::backend)?;
+        let completed = match completed {
+            // A server that lost its scripts: the record is staged, and
+            // the invocation loads the script before it runs it.
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                self.connection.invoke(&invocation).await
+            }
+            completed => completed,
+        };
+        if completed.map_err(StoreError::backend)? != 1 {
+            return Err(StoreError::LockLost);
+        }
+        self.replicated(&name, ttl).await
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {

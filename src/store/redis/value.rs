@@ -11,8 +11,16 @@
 //!
 //! A string rather than a hash lets `begin` be Redis's own `SET … NX GET`,
 //! which costs Redis what a `GET` does, instead of a script.
+//!
+//! `complete` stages the record under a key of its own first, with a
+//! native `SET`, and its script renames that key onto the record's: the
+//! response never becomes a Lua string, which Redis would hash byte by
+//! byte.
+
+use std::io::Write;
 
 use bytes::Bytes;
+use redis::{RedisWrite, ToRedisArgs};
 
 use crate::{
     key::Fingerprint,
@@ -30,6 +38,42 @@ pub(super) fn lock(fingerprint: &Fingerprint, token: LockToken) -> [u8; HEADER] 
     value[2..34].copy_from_slice(fingerprint.as_bytes());
     value[34..].copy_from_slice(&token.as_u128().to_be_bytes());
     value
+}
+
+/// A record as `complete` stages it: a head as long as the layout's, which
+/// the script writes from the lock (the store is not given the
+/// fingerprint), then the response.
+pub(super) struct Staged<'a>(pub(super) &'a [u8]);
+
+impl ToRedisArgs for Staged<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        // Into the command's own buffer, which cannot fail.
+        let _ = arg
+            .write_all(&[0; HEADER])
+            .and_then(|()| arg.write_all(self.0));
+    }
+}
+
+/// Whether `name` has a hash tag: a part between its first `{` and the
+/// next `}` that is not empty, which alone then decides its cluster slot.
+pub(super) fn has_hash_tag(name: &str) -> bool {
+    name.split_once('{')
+        .and_then(|(_, rest)| rest.split_once('}'))
+        .is_some_and(|(tag, _)| !tag.is_empty())
+}
+
+/// The key `complete` stages `token`'s record under, on the hash slot of
+/// `name`, so that the script may rename it onto `name` on a cluster too.
+/// A name without a tag gets itself as the tag, which holds for any name
+/// without a `}` (`RedisStore::with_prefix` refuses the others).
+pub(super) fn staged_name(name: &str, token: LockToken) -> String {
+    let token = token.as_u128();
+    if has_hash_tag(name) {
+        format!("{name}:staged:{token:032x}")
+    } else {
+        format!("{{{name}}}:staged:{token:032x}")
+    }
 }
 
 /// A token as the scripts compare it.
@@ -146,6 +190,45 @@ mod tests {
         value.extend_from_slice(b"1700000000000");
         let found = found(value, &fp, LockToken::from_u128(2)).unwrap();
         assert_eq!(found, Found::Fenced);
+    }
+
+    #[test]
+    fn a_staged_record_lives_on_the_slot_of_its_record() {
+        use redis::cluster_routing::Slot;
+        let token = LockToken::from_u128(9);
+        for name in &[
+            "idempotency:0f3a",
+            "{tenant}:0f3a",
+            "a{:0f3a",
+            "{x:0f3a",
+            "x{tag}y{z}:0f3a",
+        ] {
+            let staged = staged_name(name, token);
+            assert_ne!(&staged, name);
+            assert_eq!(
+                Slot::for_key(&staged),
+                Slot::for_key(name),
+                "{name} staged as {staged}"
+            );
+        }
+    }
+
+    #[test]
+    fn staged_records_of_two_holders_are_apart() {
+        let name = "idempotency:0f3a";
+        assert_ne!(
+            staged_name(name, LockToken::from_u128(1)),
+            staged_name(name, LockToken::from_u128(2))
+        );
+    }
+
+    #[test]
+    fn a_hash_tag_is_a_non_empty_part_between_braces() {
+        assert!(has_hash_tag("{t}x"));
+        assert!(has_hash_tag("a{t}"));
+        assert!(!has_hash_tag("{}t"));
+        assert!(!has_hash_tag("a{t"));
+        assert!(!has_hash_tag("a}t{"));
     }
 
     #[test]
