@@ -116,6 +116,42 @@ async fn migrating_a_table_of_an_earlier_build_makes_it_usable() {
     ));
 }
 
+/// A build whose `begin` has another body makes its function under a new
+/// name beside the earlier build's, which replicas of that build still
+/// call while both run.
+#[tokio::test]
+async fn migrating_keeps_the_function_of_an_earlier_build() {
+    use tower_idempotency::store::PostgresStore;
+
+    let database = postgres::fresh_database("migrate_keeps").await;
+    let pool = sqlx::PgPool::connect(&database).await.unwrap();
+    let store = PostgresStore::new(pool.clone());
+    store.migrate().await.unwrap();
+    // An earlier build's function, as its migration left it.
+    sqlx::raw_sql(
+        "CREATE FUNCTION idempotency_records_begin_v1(k BYTEA, fp BYTEA, tok BYTEA, lease_ms BIGINT)
+         RETURNS idempotency_records LANGUAGE sql AS 'SELECT NULL::idempotency_records'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    store.migrate().await.unwrap();
+    let functions: Vec<String> = sqlx::query_scalar(
+        "SELECT proname::text FROM pg_proc WHERE proname LIKE 'idempotency_records_begin_%'
+         ORDER BY 1",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        functions,
+        [
+            "idempotency_records_begin_v1",
+            "idempotency_records_begin_v2"
+        ]
+    );
+}
+
 /// With a schema per tenant ahead of `public` on the search path, a tenant's
 /// store gets an index and a function of its own beside its table, even
 /// though `public` already has a store of the same name, and its records
@@ -156,7 +192,7 @@ async fn a_tenants_schema_gets_its_own_index_and_function() {
     .unwrap();
     for name in [
         "idempotency_records",
-        "idempotency_records_begin_v1",
+        "idempotency_records_begin_v2",
         "idempotency_records_expires_at",
     ] {
         assert!(made.iter().any(|m| m == name), "{name} not in {made:?}");

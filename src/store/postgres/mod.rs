@@ -22,10 +22,14 @@ use sql::{COMPLETED, IN_FLIGHT, NOT_REPLAYABLE};
 /// [`migrate`](Self::migrate) at start-up, or put
 /// [`migration_sql`](Self::migration_sql) into your own migrations. Each
 /// operation is one round trip. `begin` calls a PL/pgSQL function that the
-/// migration creates in the table's schema (`<table>_begin_v1`): it reads
-/// the key, so that a replay takes no row lock, and only on a miss takes
-/// it with an `INSERT … ON CONFLICT … DO UPDATE … WHERE expired`, atomic
-/// under concurrent inserts. The other operations are single statements.
+/// migration creates in the table's schema (`<table>_begin_v2`): it reads
+/// the key, so that a replay takes no row lock; a missing key it takes with
+/// an `INSERT … ON CONFLICT DO NOTHING`, and an expired or recoverable row
+/// with an `UPDATE … WHERE expired`, which checks again under the row's
+/// lock, so each is atomic under concurrent requests. A body that changes
+/// gets a new name, and the migration leaves the earlier build's function
+/// for the replicas that still call it. The other operations are single
+/// statements.
 /// The migration needs `CREATE` on the table's schema once, to make the
 /// function, and ownership of the table to compress its responses with
 /// lz4 (without it they keep the server's default); the application's
@@ -258,7 +262,7 @@ impl Store for PostgresStore {
     ) -> Result<BeginOutcome, StoreError> {
         let token = LockToken::random();
         let own = token_bytes(token);
-        // The function's read and its insert's conflict check can disagree
+        // The function's read and its write can disagree
         // (see `sql::begin_function`); the next attempt sees the row.
         for _ in 0..3 {
             let row = sqlx::query(&self.sql.begin)

@@ -92,7 +92,7 @@ impl Names {
         let table = t.rsplit('.').next().unwrap_or(&t).to_owned();
         Self {
             index: format!("{}_expires_at", t.replace('.', "_")),
-            function: format!("{table}_begin_v1"),
+            function: format!("{table}_begin_v2"),
             table,
         }
     }
@@ -115,18 +115,21 @@ fn begin_function_call(t: &str) -> String {
 }
 
 /// `begin` as a function: it reads the key first, so that a replay or a
-/// conflict runs one plain read and takes no row lock, and only on a miss
-/// runs the insert, which takes the key if it is free, its row expired,
-/// or it is fenced and its lease ran out (a recovery, same fingerprint
-/// only). A fence holds the row's lock until its transaction ends, so a
-/// takeover racing it waits, then sees the mark.
+/// conflict runs one plain read and takes no row lock. A missing key is
+/// inserted with `ON CONFLICT DO NOTHING`; a row that expired, or is fenced
+/// with its lease run out (a recovery, same fingerprint only), is taken
+/// over by an `UPDATE` that checks again under the row's lock. Each of the
+/// two writes is a plan of its own, so a first use sets up only the
+/// insert, not the takeover's expressions too. A fence holds the row's
+/// lock until its transaction ends, so a takeover racing it waits, then
+/// sees the mark.
 ///
 /// It answers with a row of the table: the caller's own token in it if the
 /// key was taken, and otherwise the live row (its response only for the
-/// same fingerprint). The row is all NULL when the read and the insert's
-/// conflict check disagree: a row committed by a racing insert after the
-/// read, or one that looked expired or recoverable but was taken over,
-/// completed or fenced before the check. Returning the table's own row
+/// same fingerprint). The row is all NULL when the read and the write
+/// disagree: a row committed by a racing insert after the read, or one
+/// that looked expired or recoverable but was deleted, taken over,
+/// completed or fenced before the write. Returning the table's own row
 /// type, which PostgreSQL keeps cached, costs less per call than `OUT`
 /// parameters, whose row type is rebuilt from the catalog on every call.
 fn begin_function(t: &str, names: &Names) -> String {
@@ -136,30 +139,36 @@ fn begin_function(t: &str, names: &Names) -> String {
         DECLARE
             found_row {t};
         BEGIN
-            SELECT * INTO found_row FROM {t} AS r
-            WHERE r.key = k AND r.expires_at > now()
-              AND NOT (r.state = {IN_FLIGHT} AND r.effect AND r.lease_until <= now()
-                       AND r.fingerprint = fp);
-            IF FOUND THEN
+            SELECT * INTO found_row FROM {t} AS r WHERE r.key = k;
+            IF NOT FOUND THEN
+                INSERT INTO {t} (key, fingerprint, state, token, lease_until, expires_at)
+                VALUES (k, fp, {IN_FLIGHT}, tok, now() + lease_ms * interval '1 millisecond',
+                        now() + lease_ms * interval '1 millisecond')
+                ON CONFLICT (key) DO NOTHING
+                RETURNING * INTO found_row;
+                RETURN found_row;
+            END IF;
+            IF found_row.expires_at > now()
+               AND NOT (found_row.state = {IN_FLIGHT} AND found_row.effect
+                        AND found_row.lease_until <= now() AND found_row.fingerprint = fp) THEN
                 IF found_row.fingerprint <> fp THEN
                     found_row.response := NULL;
                 END IF;
                 RETURN found_row;
             END IF;
-            INSERT INTO {t} AS r (key, fingerprint, state, token, lease_until, expires_at)
-            VALUES (k, fp, {IN_FLIGHT}, tok, now() + lease_ms * interval '1 millisecond',
-                    now() + lease_ms * interval '1 millisecond')
-            ON CONFLICT (key) DO UPDATE SET
-                fingerprint = EXCLUDED.fingerprint, state = {IN_FLIGHT},
-                token = EXCLUDED.token, lease_until = EXCLUDED.lease_until,
+            UPDATE {t} AS r SET
+                fingerprint = fp, state = {IN_FLIGHT}, token = tok,
+                lease_until = now() + lease_ms * interval '1 millisecond',
                 response = NULL,
                 effect = r.effect AND r.expires_at > now(),
                 expires_at = CASE WHEN r.effect AND r.expires_at > now()
-                                  THEN greatest(r.expires_at, EXCLUDED.expires_at)
-                                  ELSE EXCLUDED.expires_at END
-            WHERE r.expires_at <= now()
-               OR (r.state = {IN_FLIGHT} AND r.effect AND r.lease_until <= now()
-                   AND r.fingerprint = EXCLUDED.fingerprint)
+                                  THEN greatest(r.expires_at,
+                                                now() + lease_ms * interval '1 millisecond')
+                                  ELSE now() + lease_ms * interval '1 millisecond' END
+            WHERE r.key = k
+              AND (r.expires_at <= now()
+                   OR (r.state = {IN_FLIGHT} AND r.effect AND r.lease_until <= now()
+                       AND r.fingerprint = fp))
             RETURNING * INTO found_row;
             RETURN found_row;
         END $begin$;",
