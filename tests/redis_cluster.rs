@@ -117,8 +117,7 @@ async fn records_spread_over_every_master_of_the_cluster() {
     assert_eq!(per_master.iter().map(|(_, n)| n).sum::<usize>(), 300);
 }
 
-/// A prefix with a hash tag keeps every record on the tag's slot, and the
-/// records a `complete` stages beside them with it.
+/// A prefix with a hash tag keeps every record on the tag's one slot.
 #[tokio::test]
 async fn records_under_a_hash_tagged_prefix_share_one_master() {
     let tag = unique_key("tagged");

@@ -557,13 +557,6 @@ async fn redis_complete_loads_the_script_a_server_forgot() {
 }
 
 #[tokio::test]
-#[should_panic(expected = "needs a hash tag")]
-async fn a_redis_prefix_with_a_closing_brace_but_no_hash_tag_is_refused() {
-    let store = RedisStore::connect(&redis_url()).await.unwrap();
-    let _ = store.with_prefix("payments}:");
-}
-
-#[tokio::test]
 async fn redis_key_holding_another_type_answers_503_even_failing_open() {
     let prefix = format!("{}:", unique_key("wrongtype"));
     let store = RedisStore::connect(&redis_url())

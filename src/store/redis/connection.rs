@@ -39,17 +39,6 @@ impl Connection {
         }
     }
 
-    /// A pipeline on the node that holds its keys, which must share a slot.
-    pub(super) async fn pipeline<T: FromRedisValue>(
-        &self,
-        pipeline: &redis::Pipeline,
-    ) -> RedisResult<T> {
-        match self {
-            Self::Single(connection) => pipeline.query_async(&mut connection.clone()).await,
-            Self::Cluster(connection) => pipeline.query_async(&mut connection.clone()).await,
-        }
-    }
-
     /// `WAIT replicas timeout` on the node that holds `key`, after the
     /// writes this connection sent it: how many replicas acknowledged them.
     pub(super) async fn wait(

@@ -13,26 +13,33 @@ mod value;
 /// A [`Store`](super::Store) on Redis or Redis Cluster, shared by every
 /// replica that connects to it.
 ///
-/// Every record is one string key, and every operation one round trip on
-/// it (two for a `begin` that finds a fenced record in flight), so each is
-/// atomic and lives on one hash slot of a cluster. `begin` is Redis's own
-/// `SET … NX PX … GET`: it takes a free key, or answers a replay, for what
-/// a `GET` costs. The steps that must compare a lock token before they
-/// write are server-side scripts (`EVALSHA`, loaded into a server that
-/// lacks them), as is taking over a fenced record whose lease ran out.
-/// `complete` sends the record with a native `SET` to a key beside the
-/// record's, in the same round trip as its script, which checks the lock
-/// and renames that key onto the record's: the response never passes
-/// through Lua. In-flight leases and completed-record TTLs are Redis key
-/// expiries, so nothing needs sweeping. Keys are `{prefix}{hex digest}`;
-/// the prefix defaults to `idempotency:`. A staged record's key is the
-/// record's key in braces, as its hash tag (kept as it is if the prefix has
-/// a tag of its own), then `:staged:` and the lock token in hex. It lives
-/// for the time of one round trip, and an ACL that limits the store's keys
-/// must allow it; one that its script never reached (a connection lost in
-/// between) expires with the record's TTL.
-/// Needs Redis
-/// 7.0 or newer (`SET` with both `NX` and `GET`).
+/// Every record is one string key, and every operation one round trip
+/// (two for a `begin` that finds a fenced record in flight), atomic and on
+/// one hash slot of a cluster. `begin` is Redis's own `SET … NX PX … GET`:
+/// it takes a free key, or answers a replay, for what a `GET` costs. The
+/// steps that must compare a lock token before they write are server-side
+/// scripts (`EVALSHA`, loaded into a server that lacks them), as is taking
+/// over a fenced record whose lease ran out.
+///
+/// On one server, `complete` sends the record with a native `SET` to a key
+/// of its own, pipelined with its script, which checks the lock and renames
+/// that key onto the record's: the response never passes through Lua,
+/// which costs Redis a third less per first use. The staged key is the
+/// prefix, the record's key in braces, `:staged:` and the lock token in hex
+/// (or, if the prefix has a hash tag of its own, the record's key,
+/// `:staged:` and the token): it opens with the prefix, for an ACL that
+/// limits the store's keys to it, and shares the record's hash slot, for a
+/// proxy that shards by hash tag. It
+/// lives one round trip, or, if its script never runs (a connection lost
+/// in between), the record's TTL. On a cluster, `complete` hands its
+/// script the record as an argument instead: a one-key script follows a
+/// slot being migrated from one master to another, which a staged key
+/// could not.
+///
+/// In-flight leases and completed-record TTLs are Redis key expiries, so
+/// nothing needs sweeping. Keys are `{prefix}{hex digest}`; the prefix
+/// defaults to `idempotency:`. Needs Redis 7.0 or newer (`SET` with both
+/// `NX` and `GET`).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
@@ -74,6 +81,7 @@ pub struct RedisStore {
 struct Scripts {
     begin: Script,
     complete: Script,
+    complete_staged: Script,
     release: Script,
     renew: Script,
     fence: Script,
@@ -172,6 +180,7 @@ impl RedisStore {
             scripts: Scripts {
                 begin: Script::new(scripts::BEGIN),
                 complete: Script::new(scripts::COMPLETE),
+                complete_staged: Script::new(scripts::COMPLETE_STAGED),
                 release: Script::new(scripts::RELEASE),
                 renew: Script::new(scripts::RENEW),
                 fence: Script::new(scripts::FENCE),
@@ -180,26 +189,13 @@ impl RedisStore {
         }
     }
 
-    /// Sets the prefix of every key this store writes.
-    ///
-    /// A prefix with a hash tag (`{payments}:`) puts every record on the
-    /// tag's one slot of a cluster; without one, records spread over the
-    /// slots by their whole key.
-    ///
-    /// # Panics
-    ///
-    /// If the prefix holds a `}` but no hash tag (a non-empty part between
-    /// a `{` and the next `}`): `complete` stages each record under a key
-    /// tagged with the record's own name, to keep it on the record's slot,
-    /// which a `}` in that name would end early.
+    /// Sets the prefix of every key this store writes. A prefix with a hash
+    /// tag (`{payments}:`) puts every record on the tag's one slot of a
+    /// cluster; without one, records spread over the slots by their whole
+    /// key.
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        let prefix = prefix.into();
-        assert!(
-            value::has_hash_tag(&prefix) || !prefix.contains('}'),
-            "a Redis key prefix with a `}}` needs a hash tag, `{{…}}`: {prefix:?}"
-        );
-        self.prefix = prefix;
+        self.prefix = prefix.into();
         self
     }
 

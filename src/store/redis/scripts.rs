@@ -1,10 +1,11 @@
 //! The scripts of a Redis store: the steps that must compare before they
-//! write, each on the record's one key, so each is atomic and lives on one
-//! hash slot of a cluster. They read and write the layout of `value.rs`
-//! (Lua counts from 1: state 1, fenced 2, fingerprint 3..34, token 35..50,
-//! tail from 51). The key's own expiry is the lease while in flight and
-//! unfenced, and the TTL once fenced or completed: a fenced record outlives
-//! its lease, so the next request recovers it instead of running again.
+//! write, each atomic and on one hash slot of a cluster (the record's one
+//! key, or on one server the record's and the one staged beside it). They
+//! read and write the layout of `value.rs` (Lua counts from 1: state 1,
+//! fenced 2, fingerprint 3..34, token 35..50, tail from 51). The key's own
+//! expiry is the lease while in flight and unfenced, and the TTL once
+//! fenced or completed: a fenced record outlives its lease, so the next
+//! request recovers it instead of running again.
 
 /// `begin` when `SET … NX GET` found a fenced record in flight: takes it
 /// over if its lease has run out. It decides afresh from what it reads, as
@@ -44,16 +45,17 @@ if state == 'n' then return {'not_replayable', ''} end
 return {'completed', string.sub(v, 51)}
 ";
 
-/// `KEYS`: the record, the record staged beside it (`value.rs`). `ARGV`:
-/// token, new state (`c` or `n`).
+/// `complete` on one server. `KEYS`: the record, the record staged beside
+/// it (`value.rs`). `ARGV`: token, new state (`c` or `n`).
 ///
 /// The staged record came in with a native `SET` just before, with the
 /// record's TTL, which the rename keeps, so the response never becomes a
-/// Lua string: Redis's Lua hashes every byte of every string it makes,
-/// and each `redis.call` costs Redis about what a command of its own does. The script renames the staged record onto the
-/// record's key and writes its head from the lock, where the fingerprint
-/// is; the staged key is deleted whenever the lock is not the caller's.
-pub(super) const COMPLETE: &str = r"
+/// Lua string: Redis's Lua hashes every byte of every string it makes, and
+/// each `redis.call` costs Redis about what a command of its own does. The
+/// script renames the staged record onto the record's key and writes its
+/// head from the lock, where the fingerprint is; the staged key is deleted
+/// whenever the lock is not the caller's.
+pub(super) const COMPLETE_STAGED: &str = r"
 local k, staged = KEYS[1], KEYS[2]
 local v = redis.call('GET', k)
 local held = v and string.sub(v, 35, 50) == ARGV[1]
@@ -70,6 +72,38 @@ end
 local renamed = redis.pcall('RENAME', staged, k)
 if type(renamed) == 'table' and renamed.err then return renamed end
 redis.call('SETRANGE', k, 0, ARGV[2] .. '0' .. string.sub(v, 3, 50))
+return 1
+";
+
+/// `complete` on a cluster, on the record's one key, so that it follows a
+/// slot being migrated as any one-key command does. `ARGV`: token, new
+/// state (`c` or `n`), encoded response, TTL.
+///
+/// The record is written with `SETRANGE` into its key, emptied first,
+/// rather than joined in Lua: Redis's Lua hashes every byte of every
+/// string it makes, so a joined value costs Redis a second pass over the
+/// whole response. `SETRANGE` makes a missing key's string at exactly its
+/// size, where one that grows an existing string keeps room for twice it.
+pub(super) const COMPLETE: &str = r"
+local k = KEYS[1]
+local v = redis.call('GET', k)
+if not v then return 0 end
+local state = string.sub(v, 1, 1)
+local held = string.sub(v, 35, 50) == ARGV[1]
+-- Completed by this token already: a client retry of this very call.
+if held and state == ARGV[2] then return 1 end
+if state ~= 'i' or not held then return 0 end
+local lease = redis.call('PTTL', k)
+redis.call('DEL', k)
+local written = redis.pcall('SETRANGE', k, 50, ARGV[3])
+if type(written) == 'table' and written.err then
+  -- A record longer than this server's strings may be: the lock is put
+  -- back as it was, so a fenced key is still recovered, never run again.
+  redis.call('SET', k, v, 'PX', math.max(lease, 1))
+  return written
+end
+redis.call('SETRANGE', k, 0, ARGV[2] .. '0' .. string.sub(v, 3, 50))
+redis.call('PEXPIRE', k, ARGV[4])
 return 1
 ";
 

@@ -1,13 +1,13 @@
-//! The steps of a Redis store: the `Store` operations, one round trip on
-//! the record's key each, and what they share.
+//! The steps of a Redis store: the `Store` operations, one round trip
+//! each, and what they share.
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::{ErrorKind, RedisResult, Script, ServerErrorKind};
+use redis::{aio::ConnectionManager, ErrorKind, RedisResult, Script, ServerErrorKind};
 
-use super::{value, value::Found, RedisStore};
+use super::{connection::Connection, value, value::Found, RedisStore};
 use crate::{
     key::{Fingerprint, RecordKey},
     store::{expiry_millis, BeginOutcome, Completion, DecodeError, LockToken, Store, StoreError},
@@ -85,6 +85,52 @@ impl RedisStore {
                 )))
             }
         })
+    }
+
+    /// `complete` on one server: the record staged with a native `SET`,
+    /// then the script that moves it onto the record, in one round trip.
+    async fn complete_staged(
+        &self,
+        connection: &mut ConnectionManager,
+        name: &str,
+        token: LockToken,
+        state: &str,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<(), StoreError> {
+        let staged = value::staged_name(&self.prefix, name, token);
+        let mut invocation = self.scripts.complete_staged.key(name);
+        invocation
+            .key(&staged)
+            .arg(&value::token_bytes(token)[..])
+            .arg(state);
+        let mut stage_and_complete = redis::pipe();
+        stage_and_complete
+            .ignore_errors()
+            .cmd("SET")
+            .arg(&staged)
+            .arg(value::Staged(record))
+            .arg("PX")
+            .arg(expiry_millis(ttl))
+            .invoke_script(&invocation);
+        let (staged_answer, completed): (RedisResult<()>, RedisResult<i64>) = stage_and_complete
+            .query_async(connection)
+            .await
+            .map_err(StoreError::backend)?;
+        staged_answer.map_err(StoreError::backend)?;
+        let completed = match completed {
+            // A server that lost its scripts: the record is staged, and
+            // the invocation loads the script before it runs it.
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                invocation.invoke_async(connection).await
+            }
+            completed => completed,
+        };
+        if completed.map_err(StoreError::backend)? == 1 {
+            Ok(())
+        } else {
+            Err(StoreError::LockLost)
+        }
     }
 
     async fn held(
@@ -185,38 +231,22 @@ impl Store for RedisStore {
             Completion::NotReplayable => ("n", Bytes::new()),
         };
         let name = self.key(key);
-        let staged = value::staged_name(&name, token);
-        let mut invocation = self.scripts.complete.key(&name);
-        invocation
-            .key(&staged)
-            .arg(&value::token_bytes(token)[..])
-            .arg(state);
-        // One round trip: the record is staged, then the script moves it.
-        let mut stage_and_complete = redis::pipe();
-        stage_and_complete
-            .ignore_errors()
-            .cmd("SET")
-            .arg(&staged)
-            .arg(value::Staged(&record))
-            .arg("PX")
-            .arg(expiry_millis(ttl))
-            .invoke_script(&invocation);
-        let (staged_answer, completed): (RedisResult<()>, RedisResult<i64>) = self
-            .connection
-            .pipeline(&stage_and_complete)
-            .await
-            .map_err(StoreError::backend)?;
-        staged_answer.map_err(StoreError::backend)?;
-        let completed = match completed {
-            // A server that lost its scripts: the record is staged, and
-            // the invocation loads the script before it runs it.
-            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                self.connection.invoke(&invocation).await
+        match self.connection {
+            Connection::Single(ref connection) => {
+                let connection = &mut connection.clone();
+                self.complete_staged(connection, &name, token, state, &record, ttl)
+                    .await?;
             }
-            completed => completed,
-        };
-        if completed.map_err(StoreError::backend)? != 1 {
-            return Err(StoreError::LockLost);
+            Connection::Cluster(_) => {
+                self.held(&self.scripts.complete, key, |script| {
+                    script
+                        .arg(&value::token_bytes(token)[..])
+                        .arg(state)
+                        .arg(&record[..])
+                        .arg(expiry_millis(ttl));
+                })
+                .await?;
+            }
         }
         self.replicated(&name, ttl).await
     }

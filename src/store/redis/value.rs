@@ -12,10 +12,10 @@
 //! A string rather than a hash lets `begin` be Redis's own `SET … NX GET`,
 //! which costs Redis what a `GET` does, instead of a script.
 //!
-//! `complete` stages the record under a key of its own first, with a
-//! native `SET`, and its script renames that key onto the record's: the
-//! response never becomes a Lua string, which Redis would hash byte by
-//! byte.
+//! On one server, `complete` stages the record under a key of its own
+//! first, with a native `SET`, and its script renames that key onto the
+//! record's: the response never becomes a Lua string, which Redis would
+//! hash byte by byte.
 
 use std::io::Write;
 
@@ -57,22 +57,22 @@ impl ToRedisArgs for Staged<'_> {
 
 /// Whether `name` has a hash tag: a part between its first `{` and the
 /// next `}` that is not empty, which alone then decides its cluster slot.
-pub(super) fn has_hash_tag(name: &str) -> bool {
+fn has_hash_tag(name: &str) -> bool {
     name.split_once('{')
         .and_then(|(_, rest)| rest.split_once('}'))
         .is_some_and(|(tag, _)| !tag.is_empty())
 }
 
-/// The key `complete` stages `token`'s record under, on the hash slot of
-/// `name`, so that the script may rename it onto `name` on a cluster too.
-/// A name without a tag gets itself as the tag, which holds for any name
-/// without a `}` (`RedisStore::with_prefix` refuses the others).
-pub(super) fn staged_name(name: &str, token: LockToken) -> String {
+/// The key `complete` stages `token`'s record under, for the record's key
+/// `name` under `prefix`: it opens with the prefix and shares the record's
+/// hash slot (the record's key is the staged key's hash tag unless the
+/// prefix has a tag of its own, or braces without one).
+pub(super) fn staged_name(prefix: &str, name: &str, token: LockToken) -> String {
     let token = token.as_u128();
-    if has_hash_tag(name) {
+    if has_hash_tag(prefix) {
         format!("{name}:staged:{token:032x}")
     } else {
-        format!("{{{name}}}:staged:{token:032x}")
+        format!("{prefix}{{{name}}}:staged:{token:032x}")
     }
 }
 
@@ -193,21 +193,17 @@ mod tests {
     }
 
     #[test]
-    fn a_staged_record_lives_on_the_slot_of_its_record() {
+    fn a_staged_record_opens_with_the_prefix_on_the_slot_of_its_record() {
         use redis::cluster_routing::Slot;
         let token = LockToken::from_u128(9);
-        for name in &[
-            "idempotency:0f3a",
-            "{tenant}:0f3a",
-            "a{:0f3a",
-            "{x:0f3a",
-            "x{tag}y{z}:0f3a",
-        ] {
-            let staged = staged_name(name, token);
-            assert_ne!(&staged, name);
+        for prefix in ["idempotency:", "{tenant}:", "x{tag}y{z}:", ""] {
+            let name = format!("{prefix}0f3a");
+            let staged = staged_name(prefix, &name, token);
+            assert!(staged.starts_with(prefix), "{staged}");
+            assert_ne!(staged, name);
             assert_eq!(
                 Slot::for_key(&staged),
-                Slot::for_key(name),
+                Slot::for_key(&name),
                 "{name} staged as {staged}"
             );
         }
@@ -215,10 +211,10 @@ mod tests {
 
     #[test]
     fn staged_records_of_two_holders_are_apart() {
-        let name = "idempotency:0f3a";
+        let (prefix, name) = ("idempotency:", "idempotency:0f3a");
         assert_ne!(
-            staged_name(name, LockToken::from_u128(1)),
-            staged_name(name, LockToken::from_u128(2))
+            staged_name(prefix, name, LockToken::from_u128(1)),
+            staged_name(prefix, name, LockToken::from_u128(2))
         );
     }
 
