@@ -310,11 +310,38 @@ impl fmt::Debug for Fingerprint {
 }
 
 pub(crate) fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
+    push_hex(&mut out, bytes);
     out
+}
+
+/// Appends `bytes` in lowercase hexadecimal, a digest's worth at a time
+/// through a buffer on the stack: pushing each digit as a `char` costs
+/// several times as much.
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0; 64];
+    for chunk in bytes.chunks(digits.len() / 2) {
+        for (pair, b) in digits.chunks_exact_mut(2).zip(chunk) {
+            pair[0] = DIGITS[usize::from(b >> 4)];
+            pair[1] = DIGITS[usize::from(b & 0xf)];
+        }
+        if let Ok(text) = std::str::from_utf8(&digits[..chunk.len() * 2]) {
+            out.push_str(text);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hex;
+
+    #[test]
+    fn hex_writes_two_lowercase_digits_a_byte_at_any_length() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        for length in [0, 1, 31, 32, 33, 64, 256] {
+            assert_eq!(hex(&bytes[..length]), expected[..2 * length]);
+        }
+    }
 }

@@ -15,7 +15,10 @@ use crate::{
 
 impl RedisStore {
     fn key(&self, key: &RecordKey) -> String {
-        format!("{}{}", self.prefix, key.to_hex())
+        let mut name = String::with_capacity(self.prefix.len() + 2 * key.as_bytes().len());
+        name.push_str(&self.prefix);
+        crate::key::push_hex(&mut name, key.as_bytes());
+        name
     }
 
     /// Waits for the replicas `with_replica_acks` asks for, if any, at
@@ -179,8 +182,10 @@ impl Store for RedisStore {
         let token = LockToken::random();
         let name = self.key(key);
         let lock = value::lock(fingerprint, token);
-        let mut set = redis::cmd("SET");
-        set.arg(&name)
+        // Sized for its six arguments, so that it is never grown.
+        let mut set = redis::Cmd::with_capacity(6, name.len() + lock.len() + 32);
+        set.arg("SET")
+            .arg(&name)
             .arg(&lock[..])
             .arg("NX")
             .arg("PX")
