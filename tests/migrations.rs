@@ -66,6 +66,33 @@ async fn concurrent_migrations_of_one_store_all_succeed() {
     }
 }
 
+/// PostgreSQL folds unquoted names to lower case, so `Payments_Records` and
+/// `payments_records` are one table: their migrations take one lock.
+#[tokio::test]
+async fn concurrent_migrations_of_one_table_named_in_two_cases_all_succeed() {
+    for round in 0..5 {
+        let database = postgres::fresh_database("migrate_cases").await;
+        let pool = sqlx::PgPool::connect(&database).await.unwrap();
+        let migrations: Vec<_> = (0..8)
+            .map(|i| {
+                let name = if i % 2 == 0 {
+                    "Payments_Records"
+                } else {
+                    "payments_records"
+                };
+                let store = tower_idempotency::store::PostgresStore::new(pool.clone())
+                    .with_table(name)
+                    .unwrap();
+                tokio::spawn(async move { store.migrate().await })
+            })
+            .collect();
+        for migration in migrations {
+            let migrated = migration.await.unwrap();
+            assert!(migrated.is_ok(), "round {round}: {migrated:?}");
+        }
+    }
+}
+
 /// A table as the first builds made it (no `effect` column, no `begin`
 /// function) is brought up to date by `migrate`, and its store then takes,
 /// completes and replays keys.

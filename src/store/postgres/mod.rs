@@ -125,10 +125,12 @@ impl PostgresStore {
         // transaction, which holds the lock to its end and, if a statement
         // fails, rolls back without leaving the pooled connection inside
         // an aborted transaction.
+        // The lock is on the name as PostgreSQL folds it, so that two
+        // spellings of one table take one lock.
         let locked = format!(
             "SELECT pg_advisory_xact_lock(hashtext('tower-idempotency:{table}'));
              {migration}",
-            table = self.table,
+            table = self.table.to_ascii_lowercase(),
             migration = self.migration_sql(),
         );
         sqlx::raw_sql(&locked)
