@@ -13,7 +13,7 @@ mod proxy;
 
 use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use common::{app, json, post, send, unique_key, Counter};
+use common::{app, free_port, json, post, send, unique_key, Counter};
 use http::StatusCode;
 use serde_json::{json, Value};
 use tower_idempotency::{
@@ -315,12 +315,6 @@ async fn redis_keys_carry_the_prefix_and_a_ttl() {
     for (key, ttl) in ttls {
         assert!(ttl > 90_000 && ttl <= 100_000, "{key} has PTTL {ttl}");
     }
-}
-
-/// A loopback port nothing listens on now.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
 }
 
 /// A Redis server of a test's own, stopped when this is dropped, however

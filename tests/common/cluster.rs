@@ -4,9 +4,7 @@
 #![allow(dead_code, unreachable_pub)]
 
 use std::{
-    net::TcpListener,
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU16, Ordering},
     time::{Duration, Instant},
 };
 
@@ -74,35 +72,16 @@ pub struct Cluster {
     dir: std::path::PathBuf,
 }
 
-/// A port whose cluster bus (port + 10000) is free too, both below the
-/// kernel's range for outgoing connections (from 32768), so that no
-/// client's socket can take either between this check and the node's
-/// start; and none handed out twice in one process, so that two nodes
-/// starting at once never get the same one.
-fn free_port() -> u16 {
-    const FIRST: u16 = 10_000;
-    const COUNT: u16 = 12_000;
-    static NEXT: AtomicU16 = AtomicU16::new(0);
-    let start = (std::process::id() % u32::from(COUNT)) as u16;
-    loop {
-        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) % COUNT;
-        let free = |port: u16| TcpListener::bind(("127.0.0.1", port)).is_ok();
-        if free(port) && free(port + 10_000) {
-            return port;
-        }
-    }
-}
-
 impl Cluster {
     pub fn start(masters: usize, replicas: usize) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "tower-idempotency-cluster-{}-{}",
             std::process::id(),
-            free_port()
+            crate::common::free_port()
         ));
         let nodes: Vec<Node> = (0..masters * (1 + replicas))
             .map(|_| {
-                let port = free_port();
+                let port = crate::common::free_port();
                 let node_dir = dir.join(port.to_string());
                 std::fs::create_dir_all(&node_dir).expect("node directory");
                 let child = Command::new("redis-server")
