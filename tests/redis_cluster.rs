@@ -144,6 +144,82 @@ async fn records_under_a_hash_tagged_prefix_share_one_master() {
     assert_eq!(holding[0].1, 20, "{per_master:?}");
 }
 
+/// `complete` while its key's slot moves from one master to another
+/// (resharding: the slot `MIGRATING` on the old master, `IMPORTING` on the
+/// new), with the lock still on the old master or already moved: the
+/// record is stored either way, and replays once the slot has moved.
+#[tokio::test]
+async fn complete_while_the_keys_slot_is_migrated_stores_the_record() {
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::{BeginOutcome, Completion},
+        Store,
+    };
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(3, 0))
+        .await
+        .unwrap();
+    let store = RedisStore::connect_cluster(cluster.urls())
+        .await
+        .expect("connect to the cluster")
+        .with_prefix("resharding:");
+    let (fingerprint, lease) = (Fingerprint::from_bytes([8; 32]), Duration::from_secs(60));
+    for lock_moved in [false, true] {
+        let key = RecordKey::new(b"resharding", &unique_key("migrated"));
+        let name = format!("resharding:{}", key.to_hex());
+        let Ok(BeginOutcome::Acquired(token)) = store.begin(&key, &fingerprint, lease).await else {
+            panic!("a fresh key is acquired");
+        };
+        let node = |port: u16| cluster.nodes.iter().find(|n| n.port == port).unwrap();
+        let any = node(cluster.masters()[0]);
+        let slot = any.cli(&["cluster", "keyslot", &name]).trim().to_owned();
+        let owner = cluster.master_of_slot(slot.parse().unwrap());
+        let (source, target) = (
+            node(owner),
+            node(
+                *cluster
+                    .masters()
+                    .iter()
+                    .find(|port| **port != owner)
+                    .unwrap(),
+            ),
+        );
+        let id = |node: &cluster::Node| node.cli(&["cluster", "myid"]).trim().to_owned();
+        let (source_id, target_id) = (id(source), id(target));
+        target.cli(&["cluster", "setslot", &slot, "importing", &source_id]);
+        source.cli(&["cluster", "setslot", &slot, "migrating", &target_id]);
+        let migrate = || {
+            let moved = source.cli(&[
+                "migrate",
+                "127.0.0.1",
+                &target.port.to_string(),
+                "",
+                "0",
+                "5000",
+                "keys",
+                &name,
+            ]);
+            assert!(moved.contains("OK") || moved.contains("NOKEY"), "{moved}");
+        };
+        if lock_moved {
+            migrate();
+        }
+        let record = Bytes::from_static(b"charged once");
+        let completed = store
+            .complete(&key, token, Completion::Response(record.clone()), lease)
+            .await;
+        assert!(completed.is_ok(), "lock moved: {lock_moved}: {completed:?}");
+        migrate();
+        for node in [source, target] {
+            node.cli(&["cluster", "setslot", &slot, "node", &target_id]);
+        }
+        let replay = store.begin(&key, &fingerprint, lease).await;
+        assert!(
+            matches!(&replay, Ok(BeginOutcome::Completed(found)) if *found == record),
+            "lock moved: {lock_moved}: {replay:?}"
+        );
+    }
+}
+
 /// What a failover does to locks held on the master that fails: `requests`
 /// long requests take their locks, the master of one shard is killed, its
 /// replica takes over, and every key is retried while the first requests

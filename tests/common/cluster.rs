@@ -172,16 +172,7 @@ impl Cluster {
             .filter(|line| {
                 line.contains("master") && !line.contains("fail") && line.split(' ').count() > 8
             })
-            .filter_map(|line| {
-                line.split(' ')
-                    .nth(1)?
-                    .split(':')
-                    .nth(1)?
-                    .split('@')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            .filter_map(|line| port_of(line))
             .collect()
     }
 
@@ -203,17 +194,23 @@ impl Cluster {
             .to_owned();
         view.iter()
             .find(|line| line.contains("slave") && line.contains(&id))
-            .and_then(|line| {
-                line.split(' ')
-                    .nth(1)?
-                    .split(':')
-                    .nth(1)?
-                    .split('@')
-                    .next()?
-                    .parse()
-                    .ok()
-            })
+            .and_then(|line| port_of(line))
             .expect("a replica of the master")
+    }
+
+    /// The port of the master that serves `slot`.
+    pub fn master_of_slot(&self, slot: u16) -> u16 {
+        let serves = |range: &str| {
+            let (first, last) = range.split_once('-').unwrap_or((range, range));
+            let bound = |end: &str| end.parse::<u16>().ok();
+            bound(first).is_some_and(|first| first <= slot)
+                && bound(last).is_some_and(|last| slot <= last)
+        };
+        self.view()
+            .iter()
+            .find(|line| line.split(' ').skip(8).any(serves))
+            .and_then(|line| port_of(line))
+            .expect("a master serves the slot")
     }
 
     pub fn node(&mut self, port: u16) -> &mut Node {
@@ -257,4 +254,16 @@ fn wait_until(mut done: impl FnMut() -> bool, what: &str) {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The port in a line of `cluster nodes` (`id 127.0.0.1:port@bus …`).
+fn port_of(line: &str) -> Option<u16> {
+    line.split(' ')
+        .nth(1)?
+        .split(':')
+        .nth(1)?
+        .split('@')
+        .next()?
+        .parse()
+        .ok()
 }

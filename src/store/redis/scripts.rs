@@ -75,15 +75,15 @@ redis.call('SETRANGE', k, 0, ARGV[2] .. '0' .. string.sub(v, 3, 50))
 return 1
 ";
 
-/// `complete` on a cluster, on the record's one key, so that it follows a
-/// slot being migrated as any one-key command does. `ARGV`: token, new
-/// state (`c` or `n`), encoded response, TTL.
+/// `complete` on a cluster, on the record's one key. `ARGV`: token, new
+/// state (`c` or `n`), the record as staged (`value.rs`), TTL.
 ///
-/// The record is written with `SETRANGE` into its key, emptied first,
-/// rather than joined in Lua: Redis's Lua hashes every byte of every
-/// string it makes, so a joined value costs Redis a second pass over the
-/// whole response. `SETRANGE` makes a missing key's string at exactly its
-/// size, where one that grows an existing string keeps room for twice it.
+/// It touches only the key it found, so that it runs while the key's slot
+/// is being migrated between masters: a script there may not reach a key
+/// the old master no longer holds, and one that emptied the key to write
+/// the record afresh failed halfway, with the lock gone. The `SET`
+/// replaces the lock with a string of exactly the record's size, and the
+/// `SETRANGE` writes its head from the lock in place.
 pub(super) const COMPLETE: &str = r"
 local k = KEYS[1]
 local v = redis.call('GET', k)
@@ -93,17 +93,8 @@ local held = string.sub(v, 35, 50) == ARGV[1]
 -- Completed by this token already: a client retry of this very call.
 if held and state == ARGV[2] then return 1 end
 if state ~= 'i' or not held then return 0 end
-local lease = redis.call('PTTL', k)
-redis.call('DEL', k)
-local written = redis.pcall('SETRANGE', k, 50, ARGV[3])
-if type(written) == 'table' and written.err then
-  -- A record longer than this server's strings may be: the lock is put
-  -- back as it was, so a fenced key is still recovered, never run again.
-  redis.call('SET', k, v, 'PX', math.max(lease, 1))
-  return written
-end
+redis.call('SET', k, ARGV[3], 'PX', ARGV[4])
 redis.call('SETRANGE', k, 0, ARGV[2] .. '0' .. string.sub(v, 3, 50))
-redis.call('PEXPIRE', k, ARGV[4])
 return 1
 ";
 

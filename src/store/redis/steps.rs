@@ -247,7 +247,7 @@ impl Store for RedisStore {
                     script
                         .arg(&value::token_bytes(token)[..])
                         .arg(state)
-                        .arg(&record[..])
+                        .arg(value::Staged(&record))
                         .arg(expiry_millis(ttl));
                 })
                 .await?;

@@ -40,8 +40,9 @@ pub(super) fn lock(fingerprint: &Fingerprint, token: LockToken) -> [u8; HEADER] 
     value
 }
 
-/// A record as `complete` stages it: a head as long as the layout's, which
-/// the script writes from the lock (the store is not given the
+/// A record as `complete` sends it, staged beside the key on one server or
+/// as its script's argument on a cluster: a head as long as the layout's,
+/// which the script writes from the lock (the store is not given the
 /// fingerprint), then the response.
 pub(super) struct Staged<'a>(pub(super) &'a [u8]);
 
