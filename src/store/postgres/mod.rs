@@ -40,6 +40,14 @@ use sql::{COMPLETED, IN_FLIGHT, NOT_REPLAYABLE};
 /// [`delete_expired`](Self::delete_expired), which
 /// [`spawn_cleanup`](Self::spawn_cleanup) runs on a schedule.
 ///
+/// `begin` holds under any isolation level: a call whose transaction loses
+/// a race on the row (a serialization failure under `REPEATABLE READ` or
+/// `SERIALIZABLE`, or a deadlock) is run again, and one that gives up
+/// waiting on the row's lock (`lock_timeout`, `statement_timeout`) answers
+/// that the key is in flight, never a backend failure that
+/// [`StoreFailure::FailOpen`](crate::StoreFailure::FailOpen) would run the
+/// handler on.
+///
 /// ```no_run
 /// # async fn run(pool: sqlx::PgPool) -> Result<(), tower_idempotency::store::StoreError> {
 /// use std::time::Duration;
@@ -267,14 +275,29 @@ impl Store for PostgresStore {
         // The function's read and its write can disagree
         // (see `sql::begin_function`); the next attempt sees the row.
         for _ in 0..3 {
-            let row = sqlx::query(&self.sql.begin)
+            let found = sqlx::query(&self.sql.begin)
                 .bind(&key.as_bytes()[..])
                 .bind(&fingerprint.as_bytes()[..])
                 .bind(&own[..])
                 .bind(millis(lease))
                 .fetch_one(&self.pool)
-                .await
-                .map_err(StoreError::backend)?;
+                .await;
+            let row = match found {
+                Ok(row) => row,
+                Err(err) => match sqlstate(&err).as_deref() {
+                    // A race on the row that the call's own transaction lost
+                    // (under REPEATABLE READ or SERIALIZABLE, or a deadlock):
+                    // each attempt is a transaction of its own, so the next
+                    // one sees the winner's row.
+                    Some("40001" | "40P01") => continue,
+                    // It gave up waiting on the row's lock (`lock_timeout`,
+                    // `statement_timeout`): another request holds the key.
+                    // Not a backend failure, which the layer may fail open
+                    // on and run the handler beside that request.
+                    Some("55P03" | "57014") => return Ok(BeginOutcome::InFlight),
+                    _ => return Err(StoreError::backend(err)),
+                },
+            };
             let Some(state) = row
                 .try_get::<Option<i16>, _>(0)
                 .map_err(StoreError::backend)?
@@ -366,4 +389,9 @@ impl Store for PostgresStore {
         )
         .await
     }
+}
+
+/// The SQLSTATE of an error the server raised.
+fn sqlstate(err: &sqlx::Error) -> Option<std::borrow::Cow<'_, str>> {
+    err.as_database_error().and_then(|err| err.code())
 }
