@@ -277,10 +277,19 @@ async fn postgres_cleanup_deletes_expired_rows() {
     assert_eq!(left, 0);
 }
 
+/// A connection of the test's own to the Redis at `url`, beside the store's,
+/// to look at or change what the store wrote.
+async fn redis_connection(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
 /// Every key under `prefix` on the test Redis, with its PTTL.
 async fn ttls_under(prefix: &str) -> Vec<(String, i64)> {
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&redis_url()).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{prefix}*"))
         .query_async(&mut conn)
@@ -373,11 +382,7 @@ async fn redis_record_takes_about_its_own_size() {
         .await
         .unwrap();
     let name = format!("memcheck:{}", key.to_hex());
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_connection(&redis_url()).await;
     let length: usize = redis::cmd("STRLEN")
         .arg(&name)
         .query_async(&mut conn)
@@ -480,11 +485,7 @@ async fn redis_complete_after_a_lost_lock_leaves_no_staged_record() {
         )
         .await;
     assert!(matches!(late, Err(StoreError::LockLost)), "{late:?}");
-    let mut conn = redis::Client::open(redis_url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_connection(&redis_url()).await;
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("*{prefix}*"))
         .query_async(&mut conn)
@@ -518,11 +519,7 @@ async fn redis_complete_loads_the_script_a_server_forgot() {
     let Ok(BeginOutcome::Acquired(token)) = store.begin(&key, &fingerprint, lease).await else {
         panic!("a fresh key is acquired");
     };
-    let mut conn = redis::Client::open(url)
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut conn = redis_connection(&url).await;
     let (): () = redis::cmd("SCRIPT")
         .arg("FLUSH")
         .query_async(&mut conn)
@@ -568,8 +565,7 @@ async fn redis_key_holding_another_type_answers_503_even_failing_open() {
         panic!("one record under {prefix}")
     };
     // The record as a hash, as a store of another layout would leave it.
-    let client = redis::Client::open(redis_url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = redis_connection(&redis_url()).await;
     let _: () = redis::pipe()
         .del(name)
         .hset(name, "s", "c")

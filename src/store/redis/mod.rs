@@ -29,12 +29,11 @@ mod value;
 /// (or, if the prefix has a hash tag of its own, the record's key,
 /// `:staged:` and the token): it opens with the prefix, for an ACL that
 /// limits the store's keys to it, and shares the record's hash slot, for a
-/// proxy that shards by hash tag. It
-/// lives one round trip, or, if its script never runs (a connection lost
-/// in between), the record's TTL. On a cluster, `complete` hands its
-/// script the record as an argument instead: a one-key script follows a
-/// slot being migrated from one master to another, which a staged key
-/// could not.
+/// proxy that shards by hash tag. It lives one round trip, or, if its
+/// script never runs (a connection lost in between), the record's TTL. On
+/// a cluster, `complete` hands its script the record as an argument
+/// instead: a one-key script follows a slot being migrated from one master
+/// to another, which a staged key could not.
 ///
 /// In-flight leases and completed-record TTLs are Redis key expiries, so
 /// nothing needs sweeping. Keys are `{prefix}{hex digest}`; the prefix

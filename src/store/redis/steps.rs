@@ -139,10 +139,10 @@ impl RedisStore {
     async fn held(
         &self,
         script: &Script,
-        key: &RecordKey,
+        name: &str,
         args: impl FnOnce(&mut redis::ScriptInvocation<'_>),
     ) -> Result<(), StoreError> {
-        let mut invocation = script.key(self.key(key));
+        let mut invocation = script.key(name);
         args(&mut invocation);
         let done: i64 = self
             .connection
@@ -243,7 +243,7 @@ impl Store for RedisStore {
                     .await?;
             }
             Connection::Cluster(_) => {
-                self.held(&self.scripts.complete, key, |script| {
+                self.held(&self.scripts.complete, &name, |script| {
                     script
                         .arg(&value::token_bytes(token)[..])
                         .arg(state)
@@ -257,7 +257,7 @@ impl Store for RedisStore {
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
-        self.held(&self.scripts.release, key, |script| {
+        self.held(&self.scripts.release, &self.key(key), |script| {
             script.arg(&value::token_bytes(token)[..]);
         })
         .await
@@ -292,7 +292,7 @@ impl Store for RedisStore {
         token: LockToken,
         lease: Duration,
     ) -> Result<(), StoreError> {
-        self.held(&self.scripts.renew, key, |script| {
+        self.held(&self.scripts.renew, &self.key(key), |script| {
             script
                 .arg(&value::token_bytes(token)[..])
                 .arg(expiry_millis(lease));
