@@ -34,6 +34,7 @@ async fn first_use(store: &MemoryStore, key: &RecordKey, record: &Bytes) -> Dura
     store
         .complete(
             key,
+            &FP,
             token,
             Completion::Response(record.clone()),
             Duration::from_secs(3600),

@@ -92,6 +92,7 @@ async fn fill(store: &MemoryStore, entries: usize) -> usize {
         store
             .complete(
                 &key,
+                &fingerprint,
                 token,
                 Completion::Response(response.encode()),
                 Duration::from_secs(3600),

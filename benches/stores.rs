@@ -56,12 +56,15 @@ mod real {
         async fn complete(
             &self,
             key: &RecordKey,
+            fingerprint: &Fingerprint,
             token: LockToken,
             outcome: Completion,
             ttl: Duration,
         ) -> Result<(), StoreError> {
             self.calls.fetch_add(1, Ordering::Relaxed);
-            self.inner.complete(key, token, outcome, ttl).await
+            self.inner
+                .complete(key, fingerprint, token, outcome, ttl)
+                .await
         }
         async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
             self.calls.fetch_add(1, Ordering::Relaxed);

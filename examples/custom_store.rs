@@ -120,6 +120,7 @@ impl Store for HashMapStore {
     async fn complete(
         &self,
         key: &RecordKey,
+        _: &Fingerprint,
         token: LockToken,
         completion: Completion,
         ttl: Duration,

@@ -1,5 +1,5 @@
 # Helpers the scripts source: installing Debian packages, finding and
-# running PostgreSQL, ports on loopback, and reading callgrind's counts.
+# running PostgreSQL, building Valkey, ports on loopback, and reading callgrind's counts.
 # shellcheck shell=bash
 
 as_root() {
@@ -25,6 +25,35 @@ pg_bin() {
 missing_server_packages() {
   { command -v redis-server && command -v redis-cli; } >/dev/null 2>&1 || echo redis-server redis-tools
   [ -n "$(pg_bin)" ] || echo postgresql
+}
+
+# The path of a Valkey server, built on first use into target/servers
+# from the source Debian ships: Debian 12 packages no Valkey, and its
+# Redis 7.0 lacks `SET … IFEQ`, which the Redis store uses where a server
+# has it. About a minute on two cores; later runs find it built.
+valkey_version=8.1.1
+valkey_source_sha256=d9bbd82eecb82f359e649a0007ad3dc1b47cc15afa626348ca86b73c4ae2c7ee
+valkey_server() {
+  local dir tarball
+  dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target/servers/valkey-$valkey_version"
+  if [ ! -x "$dir/src/valkey-server" ]; then
+    command -v make >/dev/null && command -v cc >/dev/null && command -v curl >/dev/null \
+      || install_packages make gcc libc6-dev curl
+    printf '[%s] building Valkey %s into %s\n' "$(basename "$0")" "$valkey_version" "$dir" >&2
+    rm -rf "$dir" && mkdir -p "$dir"
+    tarball="$dir.tar.xz"
+    curl -fsSL -o "$tarball" \
+      "https://deb.debian.org/debian/pool/main/v/valkey/valkey_$valkey_version+dfsg1.orig.tar.xz"
+    echo "$valkey_source_sha256  $tarball" | sha256sum --check --quiet
+    tar -xJf "$tarball" -C "$dir" --strip-components=1
+    rm -f "$tarball"
+    make -C "$dir" -j"$(nproc)" MALLOC=libc BUILD_TLS=no valkey-server >"$dir/build.log" 2>&1 || {
+      tail -n 30 "$dir/build.log" >&2
+      echo "could not build Valkey" >&2
+      exit 1
+    }
+  fi
+  echo "$dir/src/valkey-server"
 }
 
 # Runs a PostgreSQL command as the user the server runs as: PostgreSQL

@@ -72,3 +72,19 @@ mod postgres {
 
     tower_idempotency::store_conformance_tests!(store());
 }
+
+/// Valkey 8.1 takes `SET … IFEQ`, so a completion there is one native
+/// command, where Redis 7.0 runs a script.
+#[cfg(feature = "redis")]
+mod valkey {
+    async fn store() -> tower_idempotency::store::RedisStore {
+        let url = std::env::var("TEST_VALKEY_URL")
+            .expect("TEST_VALKEY_URL is not set: run the tests with ./scripts/test");
+        tower_idempotency::store::RedisStore::connect(&url)
+            .await
+            .expect("connect to the test Valkey")
+            .with_prefix("conformance:")
+    }
+
+    tower_idempotency::store_conformance_tests!(store());
+}

@@ -45,6 +45,7 @@ impl Store for DeadStore {
     async fn complete(
         &self,
         _: &RecordKey,
+        _: &Fingerprint,
         _: LockToken,
         _: Completion,
         _: Duration,
@@ -593,6 +594,7 @@ impl Store for CorruptStore {
     async fn complete(
         &self,
         _: &RecordKey,
+        _: &Fingerprint,
         _: LockToken,
         _: Completion,
         _: Duration,

@@ -134,7 +134,13 @@ async fn migrating_a_table_of_an_earlier_build_makes_it_usable() {
     };
     let record = bytes::Bytes::from_static(b"record");
     store
-        .complete(&key, token, Completion::Response(record.clone()), lease)
+        .complete(
+            &key,
+            &fingerprint,
+            token,
+            Completion::Response(record.clone()),
+            lease,
+        )
         .await
         .unwrap();
     assert!(matches!(

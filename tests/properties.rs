@@ -167,7 +167,8 @@ proptest! {
             let store = MemoryStore::new();
             let mut model: HashMap<u8, Model> = HashMap::new();
             // Tokens handed out per key, newest last: "holder" picks one.
-            let mut tokens: HashMap<u8, Vec<LockToken>> = HashMap::new();
+            // Each token beside the fingerprint its begin took the key with.
+            let mut tokens: HashMap<u8, Vec<(LockToken, u8)>> = HashMap::new();
             let mut now = 0u64;
             let record_key = |k: u8| RecordKey::new(b"model", &k.to_string());
             let response = StoredResponse::new(StatusCode::OK, HeaderMap::new(), Bytes::from_static(b"ok"), None);
@@ -189,7 +190,7 @@ proptest! {
                         let free = lapsed || !model.contains_key(&key);
                         match (model.get(&key), got) {
                             (_, BeginOutcome::Acquired(token)) if free => {
-                                tokens.entry(key).or_default().push(token);
+                                tokens.entry(key).or_default().push((token, fingerprint));
                                 model.insert(key, Model::InFlight { fingerprint, token, until: now + LEASE });
                             }
                             (Some(Model::InFlight { fingerprint: f, .. }), BeginOutcome::InFlight) if *f == fingerprint && !lapsed => {}
@@ -203,9 +204,9 @@ proptest! {
                         }
                     }
                     Op::Complete { key, holder, replayable } => {
-                        let Some(token) = pick(&tokens, key, holder) else { continue };
+                        let Some((token, fingerprint)) = pick(&tokens, key, holder) else { continue };
                         let outcome = if replayable { Completion::Response(response.encode()) } else { Completion::NotReplayable };
-                        let got = store.complete(&record_key(key), token, outcome, Duration::from_millis(TTL)).await;
+                        let got = store.complete(&record_key(key), &Fingerprint::from_bytes([fingerprint; 32]), token, outcome, Duration::from_millis(TTL)).await;
                         let holds = holds(&model, key, token);
                         assert_eq!(got.is_ok(), holds, "complete({key}) at {now}: {got:?}");
                         if !holds {
@@ -216,7 +217,7 @@ proptest! {
                         }
                     }
                     Op::Release { key, holder } => {
-                        let Some(token) = pick(&tokens, key, holder) else { continue };
+                        let Some((token, _)) = pick(&tokens, key, holder) else { continue };
                         let got = store.release(&record_key(key), token).await;
                         let holds = holds(&model, key, token);
                         assert_eq!(got.is_ok(), holds, "release({key}) at {now}: {got:?}");
@@ -225,7 +226,7 @@ proptest! {
                         }
                     }
                     Op::Renew { key, holder } => {
-                        let Some(token) = pick(&tokens, key, holder) else { continue };
+                        let Some((token, _)) = pick(&tokens, key, holder) else { continue };
                         let got = store.renew(&record_key(key), token, Duration::from_millis(LEASE)).await;
                         let holds = holds(&model, key, token);
                         assert_eq!(got.is_ok(), holds, "renew({key}) at {now}: {got:?}");
@@ -241,7 +242,11 @@ proptest! {
     }
 }
 
-fn pick(tokens: &HashMap<u8, Vec<LockToken>>, key: u8, holder: u8) -> Option<LockToken> {
+fn pick(
+    tokens: &HashMap<u8, Vec<(LockToken, u8)>>,
+    key: u8,
+    holder: u8,
+) -> Option<(LockToken, u8)> {
     let list = tokens.get(&key)?;
     list.iter()
         .rev()

@@ -205,7 +205,13 @@ async fn complete_while_the_keys_slot_is_migrated_stores_the_record() {
         }
         let record = Bytes::from_static(b"charged once");
         let completed = store
-            .complete(&key, token, Completion::Response(record.clone()), lease)
+            .complete(
+                &key,
+                &fingerprint,
+                token,
+                Completion::Response(record.clone()),
+                lease,
+            )
             .await;
         assert!(completed.is_ok(), "lock moved: {lock_moved}: {completed:?}");
         migrate();

@@ -375,6 +375,7 @@ async fn redis_record_takes_about_its_own_size() {
     store
         .complete(
             &key,
+            &fingerprint,
             token,
             Completion::Response(record),
             Duration::from_secs(60),
@@ -433,7 +434,13 @@ async fn redis_record_the_server_refuses_leaves_the_fenced_lock() {
     // Over the limit only once staged with the record's head.
     let record = bytes::Bytes::from(vec![b'r'; 1024 * 1024 - 20]);
     let completed = store
-        .complete(&key, token, Completion::Response(record), lease)
+        .complete(
+            &key,
+            &fingerprint,
+            token,
+            Completion::Response(record),
+            lease,
+        )
         .await;
     assert!(completed.is_err(), "{completed:?}");
     assert!(matches!(
@@ -479,6 +486,7 @@ async fn redis_complete_after_a_lost_lock_leaves_no_staged_record() {
     let late = store
         .complete(
             &key,
+            &fingerprint,
             first,
             Completion::Response(bytes::Bytes::from_static(b"late")),
             Duration::from_secs(60),
@@ -528,6 +536,7 @@ async fn redis_complete_loads_the_script_a_server_forgot() {
     store
         .complete(
             &key,
+            &fingerprint,
             token,
             Completion::Response(bytes::Bytes::from_static(b"charged")),
             lease,
@@ -696,6 +705,7 @@ async fn longest_durations_are_kept_not_refused(store: &dyn Store) {
     store
         .complete(
             &key,
+            &fingerprint,
             token,
             Completion::Response(response.encode()),
             Duration::MAX,
@@ -728,4 +738,78 @@ async fn postgres_keeps_the_longest_durations() {
         .unwrap();
     store.migrate().await.unwrap();
     longest_durations_are_kept_not_refused(&store).await;
+}
+
+fn valkey_url() -> String {
+    std::env::var("TEST_VALKEY_URL")
+        .expect("TEST_VALKEY_URL is not set: run the tests with ./scripts/test")
+}
+
+/// How often the server at `url` has run `command`, and how often it
+/// failed, from `INFO commandstats`.
+async fn command_calls(url: &str, command: &str) -> (u64, u64) {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis_connection(url).await)
+        .await
+        .unwrap();
+    let Some(line) = info
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("cmdstat_{command}:")))
+    else {
+        return (0, 0);
+    };
+    let field = |name: &str| {
+        line.split(',')
+            .find_map(|pair| pair.strip_prefix(&format!("{name}=")))
+            .map_or(0, |n| n.parse().unwrap())
+    };
+    (field("calls"), field("failed_calls"))
+}
+
+/// Unique first uses, then a replay of each, through the layer on `store`:
+/// each runs its handler once and replays what it answered.
+async fn first_uses_then_replays(store: RedisStore, keys: usize) {
+    let counter = Counter::default();
+    let svc = app(
+        &IdempotencyLayer::new(store),
+        counter.handler(Duration::ZERO),
+    );
+    let keys: Vec<String> = (0..keys).map(|_| unique_key("native")).collect();
+    for key in &keys {
+        let first = send(&svc, post("/payments", Some(key), "{}")).await;
+        assert_eq!(first.status(), StatusCode::CREATED);
+    }
+    for key in &keys {
+        let replay = send(&svc, post("/payments", Some(key), "{}")).await;
+        assert_eq!(replay.status(), StatusCode::CREATED);
+        assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    }
+    assert_eq!(counter.runs(), keys.len());
+}
+
+/// On a server with `SET … IFEQ` (Valkey 8.1), a first use is two native
+/// commands: no script runs, and every record replays.
+#[tokio::test]
+async fn first_uses_on_valkey_run_no_script() {
+    let before = command_calls(&valkey_url(), "evalsha").await;
+    let store = RedisStore::connect(&valkey_url()).await.unwrap();
+    first_uses_then_replays(store, 20).await;
+    assert_eq!(command_calls(&valkey_url(), "evalsha").await, before);
+    assert_eq!(command_calls(&valkey_url(), "eval").await, (0, 0));
+}
+
+/// On Redis 7.0, which has no `SET … IFEQ`, the store asks once, and each
+/// completion then runs its script.
+#[tokio::test]
+async fn first_uses_on_redis_7_ask_for_ifeq_once_then_run_scripts() {
+    let port = free_port();
+    let _server = own_redis(port, &[]);
+    let url = format!("redis://127.0.0.1:{port}");
+    let store = RedisStore::connect(&url).await.unwrap();
+    first_uses_then_replays(store, 20).await;
+    let (scripts, _) = command_calls(&url, "evalsha").await;
+    assert!(scripts >= 20, "{scripts} scripts for 20 first uses");
+    let (_, refused) = command_calls(&url, "set").await;
+    assert_eq!(refused, 1, "SETs refused");
 }

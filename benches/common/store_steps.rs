@@ -20,7 +20,7 @@ pub async fn first_use(store: &(impl Store + ?Sized), key: &RecordKey, record: B
         panic!("a fresh key must be acquired")
     };
     store
-        .complete(key, token, Completion::Response(record), TTL)
+        .complete(key, &FP, token, Completion::Response(record), TTL)
         .await
         .expect("complete");
 }
@@ -38,7 +38,7 @@ pub async fn replay(store: &(impl Store + ?Sized), key: &RecordKey) {
 pub async fn store_hot(store: &(impl Store + ?Sized), hot: &RecordKey, record: &Bytes) {
     if let Ok(BeginOutcome::Acquired(token)) = store.begin(hot, &FP, LEASE).await {
         store
-            .complete(hot, token, Completion::Response(record.clone()), TTL)
+            .complete(hot, &FP, token, Completion::Response(record.clone()), TTL)
             .await
             .expect("complete");
     }

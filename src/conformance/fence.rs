@@ -87,7 +87,13 @@ pub async fn fenced_key_is_recovered_after_its_lease(store: &impl Store) {
     ));
     let response = sample_response().encode();
     store
-        .complete(&key, token, Completion::Response(response.clone()), TTL)
+        .complete(
+            &key,
+            &fingerprint(1),
+            token,
+            Completion::Response(response.clone()),
+            TTL,
+        )
         .await
         .expect("the recovering holder completes");
     match begin(store, &key, 1).await {
@@ -155,7 +161,13 @@ pub async fn fenced_holder_stores_responses_of_any_size(store: &impl Store) {
         store.fence(&key, token, TTL).await.expect("fence");
         let record = bytes::Bytes::from(vec![b'r'; size]);
         store
-            .complete(&key, token, Completion::Response(record.clone()), TTL)
+            .complete(
+                &key,
+                &fingerprint(1),
+                token,
+                Completion::Response(record.clone()),
+                TTL,
+            )
             .await
             .expect("the fenced holder completes");
         match begin(store, &key, 1).await {
@@ -171,7 +183,7 @@ pub async fn fenced_holder_records_not_replayable(store: &impl Store) {
     let token = acquire(store, &key, 1, LEASE).await;
     store.fence(&key, token, TTL).await.expect("fence");
     store
-        .complete(&key, token, Completion::NotReplayable, TTL)
+        .complete(&key, &fingerprint(1), token, Completion::NotReplayable, TTL)
         .await
         .expect("the fenced holder completes");
     assert!(matches!(

@@ -70,6 +70,7 @@ async fn complete_sample(store: &impl Store, key: &RecordKey, token: LockToken, 
     store
         .complete(
             key,
+            &fingerprint(1),
             token,
             Completion::Response(sample_response().encode()),
             ttl,
@@ -90,7 +91,9 @@ async fn begin(store: &impl Store, key: &RecordKey, fp: u8) -> BeginOutcome {
 async fn assert_fenced(store: &impl Store, key: &RecordKey, token: LockToken) {
     let outcome = Completion::Response(sample_response().encode());
     assert!(matches!(
-        store.complete(key, token, outcome, TTL).await,
+        store
+            .complete(key, &fingerprint(1), token, outcome, TTL)
+            .await,
         Err(StoreError::LockLost)
     ));
     assert!(matches!(
@@ -145,7 +148,13 @@ pub async fn empty_response_round_trips(store: &impl Store) {
     let token = acquire(store, &key, 1, LEASE).await;
     let empty = StoredResponse::new(StatusCode::NO_CONTENT, HeaderMap::new(), Bytes::new(), None);
     store
-        .complete(&key, token, Completion::Response(empty.encode()), TTL)
+        .complete(
+            &key,
+            &fingerprint(1),
+            token,
+            Completion::Response(empty.encode()),
+            TTL,
+        )
         .await
         .expect("complete by the holder");
     match begin(store, &key, 1).await {
@@ -170,7 +179,7 @@ pub async fn not_replayable_outcome_is_reported(store: &impl Store) {
     let key = fresh_key();
     let token = acquire(store, &key, 1, LEASE).await;
     store
-        .complete(&key, token, Completion::NotReplayable, TTL)
+        .complete(&key, &fingerprint(1), token, Completion::NotReplayable, TTL)
         .await
         .expect("complete by the holder");
     assert!(matches!(

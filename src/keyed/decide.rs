@@ -92,24 +92,15 @@ where
                 .store
                 .begin(&record, &fingerprint, config.lease)
                 .await;
-            let (decision, kind) = match begun {
+            let (token, recovery) = match begun {
                 Ok(BeginOutcome::Acquired(token)) => {
                     shared.metrics.record(Decision::Executed);
-                    return run_first_use(
-                        shared,
-                        inner,
-                        rebuilt(parts, body),
-                        record,
-                        token,
-                        false,
-                    )
-                    .await;
+                    (token, false)
                 }
                 Ok(BeginOutcome::Recover(token)) => {
                     shared.metrics.record(Decision::Recovered);
                     tracing::warn!(key = ?record, "recovering a key whose earlier holder fenced it and stored no response");
-                    return run_first_use(shared, inner, rebuilt(parts, body), record, token, true)
-                        .await;
+                    (token, true)
                 }
                 Ok(BeginOutcome::Completed(record)) => match StoredResponse::decode(record) {
                     Ok(stored) => {
@@ -127,17 +118,33 @@ where
                         backoff = (backoff * 2).min(Duration::from_millis(250));
                         continue;
                     }
-                    _ => (Decision::Conflict, ProblemKind::InFlight),
+                    _ => return Ok(answered(&shared, Decision::Conflict, ProblemKind::InFlight)),
                 },
                 Ok(BeginOutcome::NotReplayable) => {
-                    (Decision::NotReplayable, ProblemKind::NotReplayable)
+                    return Ok(answered(
+                        &shared,
+                        Decision::NotReplayable,
+                        ProblemKind::NotReplayable,
+                    ))
                 }
-                Ok(BeginOutcome::Mismatch) => (Decision::Mismatch, ProblemKind::KeyReused),
-                Err(StoreError::ScopeFull) => (Decision::Rejected, ProblemKind::TooManyKeys),
+                Ok(BeginOutcome::Mismatch) => {
+                    return Ok(answered(
+                        &shared,
+                        Decision::Mismatch,
+                        ProblemKind::KeyReused,
+                    ))
+                }
+                Err(StoreError::ScopeFull) => {
+                    return Ok(answered(
+                        &shared,
+                        Decision::Rejected,
+                        ProblemKind::TooManyKeys,
+                    ))
+                }
                 Err(err) => return Box::pin(store_failed(&shared, inner, parts, body, err)).await,
             };
-            shared.metrics.record(decision);
-            return Ok(whole(shared.problems.response(kind)));
+            let req = rebuilt(parts, body);
+            return run_first_use(shared, inner, req, record, fingerprint, token, recovery).await;
         }
     }
 }
@@ -149,6 +156,7 @@ fn run_first_use<S, ReqBody, ResBody>(
     mut inner: S,
     mut req: Request<RequestBody<ReqBody>>,
     key: RecordKey,
+    fingerprint: Fingerprint,
     token: LockToken,
     recovery: bool,
 ) -> FirstUse<ResBody, S::Error>
@@ -164,7 +172,7 @@ where
     let config = &shared.config;
     let execution = Execution::new(key, token, recovery, config.ttl, Arc::clone(&config.store));
     req.extensions_mut().insert(execution);
-    let lock = LockGuard::new(shared, key, token);
+    let lock = LockGuard::new(shared, key, fingerprint, token);
     FirstUse::new(inner.call(req), lock)
 }
 
@@ -176,7 +184,16 @@ fn rebuilt<B>(parts: request::Parts, body: Bytes) -> Request<RequestBody<B>> {
 }
 
 fn rejected<B>(shared: &Shared, kind: ProblemKind) -> Response<ResponseBody<B>> {
-    shared.metrics.record(Decision::Rejected);
+    answered(shared, Decision::Rejected, kind)
+}
+
+/// The problem response for `kind`, counted as `decision`.
+fn answered<B>(
+    shared: &Shared,
+    decision: Decision,
+    kind: ProblemKind,
+) -> Response<ResponseBody<B>> {
+    shared.metrics.record(decision);
     whole(shared.problems.response(kind))
 }
 

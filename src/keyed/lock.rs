@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use super::{background::finish_in_background, shared::Shared};
 use crate::{
-    key::RecordKey,
+    key::{Fingerprint, RecordKey},
     store::{Completion, LockToken, StoreError},
 };
 
@@ -15,6 +15,8 @@ use crate::{
 pub(crate) struct LockGuard {
     pub(crate) shared: Arc<Shared>,
     key: RecordKey,
+    /// What `begin` took the key with, which `complete` hands the store.
+    fingerprint: Fingerprint,
     token: LockToken,
     acquired: Instant,
     /// Set once the lease keeper renews this lock.
@@ -23,10 +25,16 @@ pub(crate) struct LockGuard {
 }
 
 impl LockGuard {
-    pub(crate) fn new(shared: Arc<Shared>, key: RecordKey, token: LockToken) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        key: RecordKey,
+        fingerprint: Fingerprint,
+        token: LockToken,
+    ) -> Self {
         Self {
             shared,
             key,
+            fingerprint,
             token,
             acquired: Instant::now(),
             kept: None,
@@ -69,12 +77,15 @@ impl LockGuard {
         // Settled from the start: dropped halfway, a completion must never
         // turn into a release, since the handler has run.
         self.settled = true;
-        let (shared, key) = (Arc::clone(&self.shared), self.key);
+        let (shared, key, fingerprint) = (Arc::clone(&self.shared), self.key, self.fingerprint);
         let config = &shared.config;
-        let mut write =
-            std::pin::pin!(config
-                .store
-                .complete(&key, self.token, completion.clone(), config.ttl));
+        let mut write = std::pin::pin!(config.store.complete(
+            &key,
+            &fingerprint,
+            self.token,
+            completion.clone(),
+            config.ttl
+        ));
         // Most stores answer at once; only a completion that has to wait
         // pays for the lease keeper.
         let mut done = match std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
@@ -97,7 +108,13 @@ impl LockGuard {
             tokio::time::sleep(backoff).await;
             done = config
                 .store
-                .complete(&key, self.token, completion.clone(), config.ttl)
+                .complete(
+                    &key,
+                    &fingerprint,
+                    self.token,
+                    completion.clone(),
+                    config.ttl,
+                )
                 .await;
         }
         self.forget();

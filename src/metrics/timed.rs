@@ -83,11 +83,16 @@ impl Store for TimedStore {
     async fn complete(
         &self,
         key: &RecordKey,
+        fingerprint: &Fingerprint,
         token: LockToken,
         outcome: Completion,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        timed("complete", self.inner.complete(key, token, outcome, ttl)).await
+        timed(
+            "complete",
+            self.inner.complete(key, fingerprint, token, outcome, ttl),
+        )
+        .await
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {

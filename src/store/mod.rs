@@ -217,9 +217,14 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ) -> Result<BeginOutcome, StoreError>;
 
     /// Records the outcome for a key this token holds, kept for `ttl`.
+    ///
+    /// `fingerprint` is the one [`begin`](Self::begin) took the key with,
+    /// so a store can write the record whole, without reading the lock
+    /// for it first.
     async fn complete(
         &self,
         key: &RecordKey,
+        fingerprint: &Fingerprint,
         token: LockToken,
         outcome: Completion,
         ttl: Duration,
@@ -268,11 +273,14 @@ impl<T: Store + ?Sized> Store for Arc<T> {
     async fn complete(
         &self,
         key: &RecordKey,
+        fingerprint: &Fingerprint,
         token: LockToken,
         outcome: Completion,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        (**self).complete(key, token, outcome, ttl).await
+        (**self)
+            .complete(key, fingerprint, token, outcome, ttl)
+            .await
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {

@@ -47,6 +47,7 @@ impl Store for Faulty {
     async fn complete(
         &self,
         key: &RecordKey,
+        fingerprint: &Fingerprint,
         token: LockToken,
         completion: Completion,
         ttl: Duration,
@@ -60,7 +61,9 @@ impl Store for Faulty {
         let completed = if failing {
             Err(StoreError::backend("response timed out"))
         } else {
-            self.store.complete(key, token, completion, ttl).await
+            self.store
+                .complete(key, fingerprint, token, completion, ttl)
+                .await
         };
         self.completed.notify_one();
         completed

@@ -75,6 +75,7 @@ impl Store for MemoryStore {
     async fn complete(
         &self,
         key: &RecordKey,
+        _: &Fingerprint,
         token: LockToken,
         outcome: Completion,
         ttl: Duration,

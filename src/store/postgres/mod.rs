@@ -332,6 +332,7 @@ impl Store for PostgresStore {
     async fn complete(
         &self,
         key: &RecordKey,
+        _: &Fingerprint,
         token: LockToken,
         outcome: Completion,
         ttl: Duration,

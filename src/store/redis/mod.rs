@@ -1,4 +1,8 @@
-use std::{fmt, time::Duration};
+use std::{
+    fmt,
+    sync::{atomic::AtomicBool, Arc},
+    time::Duration,
+};
 
 use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, Script};
 
@@ -21,19 +25,25 @@ mod value;
 /// scripts (`EVALSHA`, loaded into a server that lacks them), as is taking
 /// over a fenced record whose lease ran out.
 ///
-/// On one server, `complete` sends the record with a native `SET` to a key
-/// of its own, pipelined with its script, which checks the lock and renames
-/// that key onto the record's: the response never passes through Lua,
-/// which costs Redis a third less per first use. The staged key is the
-/// prefix, the record's key in braces, `:staged:` and the lock token in hex
-/// (or, if the prefix has a hash tag of its own, the record's key,
-/// `:staged:` and the token): it opens with the prefix, for an ACL that
-/// limits the store's keys to it, and shares the record's hash slot, for a
-/// proxy that shards by hash tag. It lives one round trip, or, if its
-/// script never runs (a connection lost in between), the record's TTL. On
-/// a cluster, `complete` hands its script the record as an argument
-/// instead: a one-key script follows a slot being migrated from one master
-/// to another, which a staged key could not.
+/// `complete` writes the record whole, with the fingerprint `begin` took
+/// the key with. Where the server has `SET … IFEQ` (Valkey 8.1 and later,
+/// Redis 8.4 and later), it is that one native command: the record
+/// replaces the lock only if the lock is still this token's, unfenced, and
+/// no script runs. A server without it refuses the first such `SET`, and
+/// the store then uses scripts for good, as it does for a fenced lock,
+/// whose value carries its lease's end. On one server, that script is
+/// pipelined after a native `SET` of the record to a key of its own, and
+/// renames that key onto the record's once it has checked the lock: the
+/// response never passes through Lua, which costs Redis a third less per
+/// first use. The staged key is the prefix, the record's key in braces,
+/// `:staged:` and the lock token in hex (or, if the prefix has a hash tag
+/// of its own, the record's key, `:staged:` and the token): it opens with
+/// the prefix, for an ACL that limits the store's keys to it, and shares
+/// the record's hash slot, for a proxy that shards by hash tag. It lives
+/// one round trip, or, if its script never runs (a connection lost in
+/// between), the record's TTL. On a cluster, the script is given the record
+/// as an argument instead: a one-key script follows a slot being migrated
+/// from one master to another, which a staged key could not.
 ///
 /// In-flight leases and completed-record TTLs are Redis key expiries, so
 /// nothing needs sweeping. Keys are `{prefix}{hex digest}`; the prefix
@@ -74,6 +84,8 @@ pub struct RedisStore {
     prefix: String,
     scripts: Scripts,
     replica_acks: Option<(u32, Duration)>,
+    /// Whether the server may take `SET … IFEQ`: until it refuses one.
+    compare_and_set: Arc<AtomicBool>,
 }
 
 #[derive(Clone)]
@@ -185,6 +197,7 @@ impl RedisStore {
                 fence: Script::new(scripts::FENCE),
             },
             replica_acks: None,
+            compare_and_set: Arc::new(AtomicBool::new(true)),
         }
     }
 

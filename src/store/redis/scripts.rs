@@ -45,16 +45,15 @@ if state == 'n' then return {'not_replayable', ''} end
 return {'completed', string.sub(v, 51)}
 ";
 
-/// `complete` on one server. `KEYS`: the record, the record staged beside
-/// it (`value.rs`). `ARGV`: token, new state (`c` or `n`).
+/// `complete` on one server, where `SET … IFEQ` is missing or found the
+/// lock fenced. `KEYS`: the record, the record staged beside it
+/// (`value.rs`). `ARGV`: token, new state (`c` or `n`).
 ///
-/// The staged record came in with a native `SET` just before, with the
-/// record's TTL, which the rename keeps, so the response never becomes a
-/// Lua string: Redis's Lua hashes every byte of every string it makes, and
-/// each `redis.call` costs Redis about what a command of its own does. The
-/// script renames the staged record onto the record's key and writes its
-/// head from the lock, where the fingerprint is; the staged key is deleted
-/// whenever the lock is not the caller's.
+/// The staged record, whole, came in with a native `SET` just before, with
+/// the record's TTL, which the rename keeps, so the response never becomes
+/// a Lua string: Redis's Lua hashes every byte of every string it makes,
+/// and each `redis.call` costs Redis about what a command of its own does.
+/// The staged key is deleted whenever the lock is not the caller's.
 pub(super) const COMPLETE_STAGED: &str = r"
 local k, staged = KEYS[1], KEYS[2]
 local v = redis.call('GET', k)
@@ -71,19 +70,18 @@ end
 -- Refused, and the lock left as it was, if nothing is staged.
 local renamed = redis.pcall('RENAME', staged, k)
 if type(renamed) == 'table' and renamed.err then return renamed end
-redis.call('SETRANGE', k, 0, ARGV[2] .. '0' .. string.sub(v, 3, 50))
 return 1
 ";
 
-/// `complete` on a cluster, on the record's one key. `ARGV`: token, new
-/// state (`c` or `n`), the record as staged (`value.rs`), TTL.
+/// `complete` on a cluster, where `SET … IFEQ` is missing or found the
+/// lock fenced, on the record's one key. `ARGV`: token, new state (`c` or
+/// `n`), the record (`value.rs`), TTL.
 ///
 /// It touches only the key it found, so that it runs while the key's slot
 /// is being migrated between masters: a script there may not reach a key
 /// the old master no longer holds, and one that emptied the key to write
 /// the record afresh failed halfway, with the lock gone. The `SET`
-/// replaces the lock with a string of exactly the record's size, and the
-/// `SETRANGE` writes its head from the lock in place.
+/// replaces the lock with the record in one step.
 pub(super) const COMPLETE: &str = r"
 local k = KEYS[1]
 local v = redis.call('GET', k)
@@ -94,7 +92,6 @@ local held = string.sub(v, 35, 50) == ARGV[1]
 if held and state == ARGV[2] then return 1 end
 if state ~= 'i' or not held then return 0 end
 redis.call('SET', k, ARGV[3], 'PX', ARGV[4])
-redis.call('SETRANGE', k, 0, ARGV[2] .. '0' .. string.sub(v, 3, 50))
 return 1
 ";
 

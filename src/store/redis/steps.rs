@@ -1,7 +1,7 @@
 //! The steps of a Redis store: the `Store` operations, one round trip
 //! each, and what they share.
 
-use std::time::Duration;
+use std::{sync::atomic::Ordering, time::Duration};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -90,15 +90,57 @@ impl RedisStore {
         })
     }
 
-    /// `complete` on one server: the record staged with a native `SET`,
-    /// then the script that moves it onto the record, in one round trip.
+    /// `complete` as one native command, `SET … IFEQ <lock> PX … GET`,
+    /// where the server has it (Valkey 8.1, Redis 8.4): it writes the
+    /// record only over this token's unfenced lock, and answers what it
+    /// found, so no script runs. `None` when a script has to decide: the
+    /// lock is fenced (its value carries the lease's end, which the store
+    /// does not know), or the server refused the command.
+    async fn complete_in_place(
+        &self,
+        name: &str,
+        lock: &[u8],
+        record: &value::Record<'_>,
+        token: LockToken,
+        ttl: Duration,
+    ) -> Option<Result<(), StoreError>> {
+        let mut set = redis::Cmd::with_capacity(8, name.len() + 2 * lock.len() + 32);
+        set.arg("SET")
+            .arg(name)
+            .arg(record)
+            .arg("IFEQ")
+            .arg(lock)
+            .arg("PX")
+            .arg(expiry_millis(ttl))
+            .arg("GET");
+        let found: Option<Vec<u8>> = match self.connection.query(&set).await {
+            Ok(found) => found,
+            // An `ERR` never writes: the script decides instead. A server
+            // without `IFEQ` calls it a syntax error, and is not asked again.
+            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
+                if err.detail().is_some_and(|d| d.starts_with("syntax error")) {
+                    self.compare_and_set.store(false, Ordering::Relaxed);
+                }
+                return None;
+            }
+            Err(err) => return Some(Err(StoreError::backend(err))),
+        };
+        match found {
+            Some(found) if found == lock || record.written_in(&found) => Some(Ok(())),
+            Some(found) if value::held_by(&found, token) => None,
+            _ => Some(Err(StoreError::LockLost)),
+        }
+    }
+
+    /// `complete` on one server with a script: the record staged with a
+    /// native `SET`, then the script that moves it onto the record, in one
+    /// round trip.
     async fn complete_staged(
         &self,
         connection: &mut ConnectionManager,
         name: &str,
         token: LockToken,
-        state: &str,
-        record: &[u8],
+        record: &value::Record<'_>,
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let staged = value::staged_name(&self.prefix, name, token);
@@ -106,13 +148,13 @@ impl RedisStore {
         invocation
             .key(&staged)
             .arg(&value::token_bytes(token)[..])
-            .arg(state);
+            .arg(&record.head[..1]);
         let mut stage_and_complete = redis::pipe();
         stage_and_complete
             .ignore_errors()
             .cmd("SET")
             .arg(&staged)
-            .arg(value::Staged(record))
+            .arg(record)
             .arg("PX")
             .arg(expiry_millis(ttl))
             .invoke_script(&invocation);
@@ -227,27 +269,37 @@ impl Store for RedisStore {
     async fn complete(
         &self,
         key: &RecordKey,
+        fingerprint: &Fingerprint,
         token: LockToken,
         outcome: Completion,
         ttl: Duration,
     ) -> Result<(), StoreError> {
-        let (state, record) = match outcome {
-            Completion::Response(record) => ("c", record),
-            Completion::NotReplayable => ("n", Bytes::new()),
+        let (state, response) = match outcome {
+            Completion::Response(response) => (b'c', response),
+            Completion::NotReplayable => (b'n', Bytes::new()),
         };
+        let record = value::Record::new(state, fingerprint, token, &response);
         let name = self.key(key);
-        match self.connection {
-            Connection::Single(ref connection) => {
+        let in_place = if self.compare_and_set.load(Ordering::Relaxed) {
+            let lock = value::lock(fingerprint, token);
+            self.complete_in_place(&name, &lock, &record, token, ttl)
+                .await
+        } else {
+            None
+        };
+        match (in_place, &self.connection) {
+            (Some(done), _) => done?,
+            (None, Connection::Single(connection)) => {
                 let connection = &mut connection.clone();
-                self.complete_staged(connection, &name, token, state, &record, ttl)
+                self.complete_staged(connection, &name, token, &record, ttl)
                     .await?;
             }
-            Connection::Cluster(_) => {
+            (None, Connection::Cluster(_)) => {
                 self.held(&self.scripts.complete, &name, |script| {
                     script
                         .arg(&value::token_bytes(token)[..])
-                        .arg(state)
-                        .arg(value::Staged(&record))
+                        .arg(&record.head[..1])
+                        .arg(&record)
                         .arg(expiry_millis(ttl));
                 })
                 .await?;

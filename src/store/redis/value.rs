@@ -12,10 +12,11 @@
 //! A string rather than a hash lets `begin` be Redis's own `SET … NX GET`,
 //! which costs Redis what a `GET` does, instead of a script.
 //!
-//! On one server, `complete` stages the record under a key of its own
-//! first, with a native `SET`, and its script renames that key onto the
-//! record's: the response never becomes a Lua string, which Redis would
-//! hash byte by byte.
+//! `complete` writes the record whole, with a native `SET … IFEQ <lock>`
+//! where the server has it (Valkey 8.1, Redis 8.4). Elsewhere, on one
+//! server, it stages the record under a key of its own with a native
+//! `SET`, and its script renames that key onto the record's: the response
+//! never becomes a Lua string, which Redis would hash byte by byte.
 
 use std::io::Write;
 
@@ -40,19 +41,39 @@ pub(super) fn lock(fingerprint: &Fingerprint, token: LockToken) -> [u8; HEADER] 
     value
 }
 
-/// A record as `complete` sends it, staged beside the key on one server or
-/// as its script's argument on a cluster: a head as long as the layout's,
-/// which the script writes from the lock (the store is not given the
-/// fingerprint), then the response.
-pub(super) struct Staged<'a>(pub(super) &'a [u8]);
+/// A record as `complete` writes it, whole: its head (state, not fenced,
+/// the fingerprint, the holder's token), then the response.
+pub(super) struct Record<'a> {
+    pub(super) head: [u8; HEADER],
+    pub(super) response: &'a [u8],
+}
 
-impl ToRedisArgs for Staged<'_> {
+impl<'a> Record<'a> {
+    pub(super) fn new(
+        state: u8,
+        fingerprint: &Fingerprint,
+        token: LockToken,
+        response: &'a [u8],
+    ) -> Self {
+        let mut head = lock(fingerprint, token);
+        head[0] = state;
+        Self { head, response }
+    }
+
+    /// Whether `value`, a record's old value, is this record already: a
+    /// retry of the very `complete` that wrote it.
+    pub(super) fn written_in(&self, value: &[u8]) -> bool {
+        value.len() >= HEADER && value[0] == self.head[0] && value[34..HEADER] == self.head[34..]
+    }
+}
+
+impl ToRedisArgs for Record<'_> {
     fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
         let mut arg = out.writer_for_next_arg();
         // Into the command's own buffer, which cannot fail.
         let _ = arg
-            .write_all(&[0; HEADER])
-            .and_then(|()| arg.write_all(self.0));
+            .write_all(&self.head)
+            .and_then(|()| arg.write_all(self.response));
     }
 }
 
@@ -191,6 +212,24 @@ mod tests {
         value.extend_from_slice(b"1700000000000");
         let found = found(value, &fp, LockToken::from_u128(2)).unwrap();
         assert_eq!(found, Found::Fenced);
+    }
+
+    #[test]
+    fn a_record_is_its_lock_under_another_state_then_the_response() {
+        let (fp, token) = (fingerprint(7), LockToken::from_u128(1));
+        let record = Record::new(b'c', &fp, token, b"response");
+        assert_eq!(record.head[..], completed(&fp, token, b"")[..]);
+        assert_eq!(record.response, b"response");
+    }
+
+    #[test]
+    fn a_record_knows_itself_written_by_its_token_and_state_only() {
+        let (fp, token) = (fingerprint(7), LockToken::from_u128(1));
+        let record = Record::new(b'c', &fp, token, b"response");
+        assert!(record.written_in(&completed(&fp, token, b"response")));
+        assert!(!record.written_in(&completed(&fp, LockToken::from_u128(2), b"response")));
+        assert!(!record.written_in(&lock(&fp, token)));
+        assert!(!Record::new(b'n', &fp, token, b"").written_in(&completed(&fp, token, b"")));
     }
 
     #[test]
