@@ -428,6 +428,20 @@ mod real {
         })
     }
 
+    /// A store on the Redis (or Valkey) at `url`, and a raw connection to it.
+    async fn redis_and_raw(url: &str) -> (RedisStore, redis::aio::MultiplexedConnection) {
+        let store = RedisStore::connect(url)
+            .await
+            .unwrap()
+            .with_prefix("bench:");
+        let raw = redis::Client::open(url)
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        (store, raw)
+    }
+
     pub(crate) fn stores(c: &mut Criterion) {
         let (Ok(redis_url), Ok(database_url)) = (
             std::env::var("TEST_REDIS_URL"),
@@ -440,16 +454,15 @@ mod real {
             .enable_all()
             .build()
             .unwrap();
-        let (redis_store, raw_conn, pg_store, pool) = rt.block_on(async {
-            let redis_store = RedisStore::connect(&redis_url)
-                .await
-                .unwrap()
-                .with_prefix("bench:");
-            let raw = redis::Client::open(redis_url.as_str())
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
+        // Valkey 8.1 takes `SET … IFEQ`, so its store completes without a
+        // script.
+        let valkey_url = std::env::var("TEST_VALKEY_URL").ok();
+        let (redis_store, raw_conn, valkey, pg_store, pool) = rt.block_on(async {
+            let (redis_store, raw) = redis_and_raw(&redis_url).await;
+            let valkey = match &valkey_url {
+                Some(url) => Some(redis_and_raw(url).await),
+                None => None,
+            };
             let pool = sqlx::postgres::PgPoolOptions::new()
                 .max_connections(4)
                 .connect(&database_url)
@@ -465,8 +478,11 @@ mod real {
                 .await
                 .unwrap();
             calls_per_request("redis", Arc::new(redis_store.clone()), Some(&redis_url)).await;
+            if let Some((store, _)) = &valkey {
+                calls_per_request("valkey", Arc::new(store.clone()), valkey_url.as_deref()).await;
+            }
             calls_per_request("postgres", Arc::new(pg_store.clone()), None).await;
-            (redis_store, raw, pg_store, pool)
+            (redis_store, raw, valkey, pg_store, pool)
         });
 
         let encoded = tower_idempotency::conformance::sample_response().encode();
@@ -490,12 +506,21 @@ mod real {
                 store_hot(&redis_store, &hot, &encoded).await;
                 store_hot(&pg_store, &hot, &encoded).await;
                 raw_redis::store_hot(&mut raw_conn.clone(), &encoded).await;
+                if let Some((store, raw)) = &valkey {
+                    store_hot(store, &hot, &encoded).await;
+                    raw_redis::store_hot(&mut raw.clone(), &encoded).await;
+                }
                 raw_postgres::store_hot(&pool, &hot, &encoded).await;
             });
             let calls = if in_flight == 1 { 500 } else { 4_000 };
             let mut pairs = redis_pairs(&redis_store, &raw_conn, &encoded, &key, fresh, hot);
             rows(&mut group, &rt, in_flight, "redis", &mut pairs);
             interleaved(&rt, "Redis", in_flight, calls, &mut pairs, Some(&raw_conn));
+            if let Some((store, raw)) = &valkey {
+                let mut pairs = redis_pairs(store, raw, &encoded, &key, fresh, hot);
+                rows(&mut group, &rt, in_flight, "valkey", &mut pairs);
+                interleaved(&rt, "Valkey", in_flight, calls, &mut pairs, Some(raw));
+            }
             let mut pairs = postgres_pairs(&pg_store, &pool, &encoded, &key, fresh, hot);
             rows(&mut group, &rt, in_flight, "postgres", &mut pairs);
             interleaved(&rt, "PostgreSQL", in_flight, calls, &mut pairs, None);

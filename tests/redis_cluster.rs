@@ -86,6 +86,22 @@ fn keys_per_master(prefix: &str) -> Vec<(String, usize)> {
         .collect()
 }
 
+/// Each key's first use, then each key's replay, through `svc`: 201 both
+/// times, and only the second replayed.
+async fn first_uses_then_replays(svc: &tower_idempotency::Idempotency<Handler>, keys: &[String]) {
+    for replay in [false, true] {
+        for key in keys {
+            let request = post("/payments", Some(key), "{}");
+            let response = tower::ServiceExt::oneshot(svc.clone(), request)
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::CREATED);
+            let replayed = response.headers().contains_key("idempotent-replayed");
+            assert_eq!(replayed, replay);
+        }
+    }
+}
+
 /// The layer on a store under `prefix` on the shared test cluster.
 async fn layer_on_the_shared_cluster(prefix: &str) -> IdempotencyLayer {
     let store = RedisStore::connect_cluster(cluster::shared_nodes())
@@ -126,22 +142,19 @@ async fn records_under_a_hash_tagged_prefix_share_one_master() {
     let svc = layer_on_the_shared_cluster(&prefix)
         .await
         .layer(runs.handler(Duration::ZERO));
-    for i in 0..20 {
-        for replay in [false, true] {
-            let request = post("/payments", Some(&format!("k{i}")), "{}");
-            let response = tower::ServiceExt::oneshot(svc.clone(), request)
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::CREATED);
-            let replayed = response.headers().contains_key("idempotent-replayed");
-            assert_eq!(replayed, replay);
-        }
-    }
+    let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
+    first_uses_then_replays(&svc, &keys).await;
     assert_eq!(runs.twice(), 0);
     let per_master = keys_per_master(&prefix);
     let holding: Vec<_> = per_master.iter().filter(|(_, n)| *n > 0).collect();
     assert_eq!(holding.len(), 1, "{per_master:?}");
     assert_eq!(holding[0].1, 20, "{per_master:?}");
+}
+
+/// The Valkey that scripts/with-servers built, which takes `SET … IFEQ`.
+fn valkey_server() -> String {
+    std::env::var("TEST_VALKEY_SERVER")
+        .expect("TEST_VALKEY_SERVER is not set: run the tests with ./scripts/test")
 }
 
 /// `complete` while its key's slot moves from one master to another
@@ -150,12 +163,23 @@ async fn records_under_a_hash_tagged_prefix_share_one_master() {
 /// record is stored either way, and replays once the slot has moved.
 #[tokio::test]
 async fn complete_while_the_keys_slot_is_migrated_stores_the_record() {
+    complete_during_migration("redis-server".to_owned()).await;
+}
+
+/// The same on Valkey, where `complete` is a native `SET … IFEQ`, which is
+/// sent on to the new master once the lock has moved (`ASK`).
+#[tokio::test]
+async fn native_complete_while_the_keys_slot_is_migrated_stores_the_record() {
+    complete_during_migration(valkey_server()).await;
+}
+
+async fn complete_during_migration(server: String) {
     use tower_idempotency::{
         key::{Fingerprint, RecordKey},
         store::{BeginOutcome, Completion},
         Store,
     };
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(3, 0))
+    let cluster = tokio::task::spawn_blocking(move || Cluster::start_with(&server, 3, 0))
         .await
         .unwrap();
     let store = RedisStore::connect_cluster(cluster.urls())
@@ -436,4 +460,30 @@ async fn a_server_that_never_evicts_is_not_warned_about() {
         "{}",
         captured.text()
     );
+}
+
+/// On a Valkey cluster, first uses through the layer run no script on any
+/// master, and every record replays.
+#[tokio::test]
+async fn first_uses_on_a_valkey_cluster_run_no_script() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start_with(&valkey_server(), 3, 0))
+        .await
+        .unwrap();
+    let store = RedisStore::connect_cluster(cluster.urls())
+        .await
+        .expect("connect to the cluster");
+    let runs = RunsPerKey::default();
+    let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+    let keys: Vec<String> = (0..30).map(|_| unique_key("native")).collect();
+    first_uses_then_replays(&svc, &keys).await;
+    assert_eq!(runs.twice(), 0);
+    for port in cluster.masters() {
+        let stats = cluster
+            .nodes
+            .iter()
+            .find(|n| n.port == port)
+            .unwrap()
+            .cli(&["info", "commandstats"]);
+        assert!(!stats.contains("cmdstat_evalsha"), "{port}: {stats}");
+    }
 }

@@ -74,6 +74,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_with("redis-server", masters, replicas)
+    }
+
+    /// A cluster of `server`s: `redis-server`, or the Valkey that
+    /// scripts/with-servers names in `TEST_VALKEY_SERVER`.
+    pub fn start_with(server: &str, masters: usize, replicas: usize) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "tower-idempotency-cluster-{}-{}",
             std::process::id(),
@@ -84,7 +90,7 @@ impl Cluster {
                 let port = crate::common::free_port();
                 let node_dir = dir.join(port.to_string());
                 std::fs::create_dir_all(&node_dir).expect("node directory");
-                let child = Command::new("redis-server")
+                let child = Command::new(server)
                     .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                     .args([
                         "--save",
@@ -102,7 +108,7 @@ impl Cluster {
                     .arg(&node_dir)
                     .stdout(Stdio::null())
                     .spawn()
-                    .expect("start redis-server");
+                    .unwrap_or_else(|err| panic!("start {server}: {err}"));
                 Node {
                     port,
                     child: Some(child),

@@ -81,14 +81,15 @@ mod value;
 #[derive(Clone)]
 pub struct RedisStore {
     connection: Connection,
-    prefix: String,
-    scripts: Scripts,
+    // Shared, as the scripts are, so that a clone per request costs
+    // reference counts only.
+    prefix: Arc<str>,
+    scripts: Arc<Scripts>,
     replica_acks: Option<(u32, Duration)>,
     /// Whether the server may take `SET … IFEQ`: until it refuses one.
     compare_and_set: Arc<AtomicBool>,
 }
 
-#[derive(Clone)]
 struct Scripts {
     begin: Script,
     complete: Script,
@@ -187,15 +188,15 @@ impl RedisStore {
     fn on(connection: Connection) -> Self {
         Self {
             connection,
-            prefix: "idempotency:".to_owned(),
-            scripts: Scripts {
+            prefix: Arc::from("idempotency:"),
+            scripts: Arc::new(Scripts {
                 begin: Script::new(scripts::BEGIN),
                 complete: Script::new(scripts::COMPLETE),
                 complete_staged: Script::new(scripts::COMPLETE_STAGED),
                 release: Script::new(scripts::RELEASE),
                 renew: Script::new(scripts::RENEW),
                 fence: Script::new(scripts::FENCE),
-            },
+            }),
             replica_acks: None,
             compare_and_set: Arc::new(AtomicBool::new(true)),
         }
@@ -207,7 +208,7 @@ impl RedisStore {
     /// key.
     #[must_use]
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.prefix = Arc::from(prefix.into());
         self
     }
 
