@@ -18,8 +18,9 @@ mod value;
 /// replica that connects to it.
 ///
 /// Every record is one string key, and every operation one round trip
-/// (two for a `begin` that finds a fenced record in flight), atomic and on
-/// one hash slot of a cluster. `begin` is Redis's own `SET … NX PX … GET`:
+/// (two for a `begin` that finds a fenced record in flight, and for a
+/// fenced `complete` on a server with `SET … IFEQ`), atomic and on one hash
+/// slot of a cluster. `begin` is Redis's own `SET … NX PX … GET`:
 /// it takes a free key, or answers a replay, for what a `GET` costs. The
 /// steps that must compare a lock token before they write are server-side
 /// scripts (`EVALSHA`, loaded into a server that lacks them), as is taking
