@@ -340,13 +340,18 @@ impl Drop for OwnRedis {
 /// A Redis server of a test's own on `port`, with `settings` besides, so
 /// that what the test does to it leaves the shared test server alone.
 fn own_redis(port: u16, settings: &[&str]) -> OwnRedis {
-    let child = std::process::Command::new("redis-server")
+    own_server("redis-server", port, settings)
+}
+
+/// The same of `server`, `redis-server` or a Valkey.
+fn own_server(server: &str, port: u16, settings: &[&str]) -> OwnRedis {
+    let child = std::process::Command::new(server)
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
         .args(["--save", "", "--appendonly", "no"])
         .args(settings)
         .stdout(std::process::Stdio::null())
         .spawn()
-        .expect("redis-server is installed by scripts/test");
+        .unwrap_or_else(|err| panic!("{server} is installed by scripts/test: {err}"));
     std::thread::sleep(Duration::from_millis(300));
     OwnRedis(child)
 }
@@ -740,9 +745,10 @@ async fn postgres_keeps_the_longest_durations() {
     longest_durations_are_kept_not_refused(&store).await;
 }
 
-fn valkey_url() -> String {
-    std::env::var("TEST_VALKEY_URL")
-        .expect("TEST_VALKEY_URL is not set: run the tests with ./scripts/test")
+/// The Valkey that scripts/with-servers built, which takes `SET … IFEQ`.
+fn valkey_server() -> String {
+    std::env::var("TEST_VALKEY_SERVER")
+        .expect("TEST_VALKEY_SERVER is not set: run the tests with ./scripts/test")
 }
 
 /// How often the server at `url` has run `command`, and how often it
@@ -792,17 +798,23 @@ async fn first_uses_then_replays(store: RedisStore, keys: usize) {
 /// commands: no script runs, and every record replays.
 #[tokio::test]
 async fn first_uses_on_valkey_run_no_script() {
-    let before = command_calls(&valkey_url(), "evalsha").await;
-    let store = RedisStore::connect(&valkey_url()).await.unwrap();
+    let port = free_port();
+    let _server = own_server(&valkey_server(), port, &[]);
+    let url = format!("redis://127.0.0.1:{port}");
+    let store = RedisStore::connect(&url).await.unwrap();
     first_uses_then_replays(store, 20).await;
-    assert_eq!(command_calls(&valkey_url(), "evalsha").await, before);
-    assert_eq!(command_calls(&valkey_url(), "eval").await, (0, 0));
+    for script in ["evalsha", "eval"] {
+        assert_eq!(command_calls(&url, script).await, (0, 0), "{script}");
+    }
+    // A begin for each of the 40 requests, a complete for each first use.
+    assert_eq!(command_calls(&url, "set").await, (60, 0), "SETs, refused");
 }
 
-/// On Redis 7.0, which has no `SET … IFEQ`, the store asks once, and each
-/// completion then runs its script.
+/// On Redis 7.0, which has no `SET … IFEQ`, a store that connected knows
+/// it from the server's version: each completion runs its script, and no
+/// `SET` is refused.
 #[tokio::test]
-async fn first_uses_on_redis_7_ask_for_ifeq_once_then_run_scripts() {
+async fn first_uses_on_redis_7_run_scripts_without_asking_for_ifeq() {
     let port = free_port();
     let _server = own_redis(port, &[]);
     let url = format!("redis://127.0.0.1:{port}");
@@ -810,6 +822,21 @@ async fn first_uses_on_redis_7_ask_for_ifeq_once_then_run_scripts() {
     first_uses_then_replays(store, 20).await;
     let (scripts, _) = command_calls(&url, "evalsha").await;
     assert!(scripts >= 20, "{scripts} scripts for 20 first uses");
-    let (_, refused) = command_calls(&url, "set").await;
-    assert_eq!(refused, 1, "SETs refused");
+    assert_eq!(command_calls(&url, "set").await.1, 0, "SETs refused");
+}
+
+/// A store on a connection of the application's own, which has not read
+/// the server's version, asks once: Redis 7.0 refuses the `SET … IFEQ`,
+/// and every completion runs its script from then on.
+#[tokio::test]
+async fn a_store_on_a_connection_of_its_own_asks_redis_7_for_ifeq_once() {
+    let port = free_port();
+    let _server = own_redis(port, &[]);
+    let url = format!("redis://127.0.0.1:{port}");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let connection = redis::aio::ConnectionManager::new(client).await.unwrap();
+    first_uses_then_replays(RedisStore::new(connection), 20).await;
+    let (scripts, _) = command_calls(&url, "evalsha").await;
+    assert!(scripts >= 20, "{scripts} scripts for 20 first uses");
+    assert_eq!(command_calls(&url, "set").await.1, 1, "SETs refused");
 }

@@ -220,7 +220,8 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ///
     /// `fingerprint` is the one [`begin`](Self::begin) took the key with,
     /// so a store can write the record whole, without reading the lock
-    /// for it first.
+    /// for it first. A store may trust it without checking it against the
+    /// lock.
     async fn complete(
         &self,
         key: &RecordKey,

@@ -77,7 +77,7 @@ impl Connection {
     /// master whose answer names none (an error, a renamed command) makes
     /// this an error, which the store warns of, rather than a list that
     /// leaves that master out.
-    pub(super) async fn versions(&self) -> RedisResult<Vec<String>> {
+    pub(super) async fn versions(&self) -> RedisResult<Vec<ServerVersion>> {
         let mut info = redis::cmd("INFO");
         info.arg("server");
         let answer = self.on_every_master(info).await?;
@@ -90,17 +90,23 @@ impl Connection {
             .map(|reply| {
                 let mut texts = Vec::new();
                 strings_in(reply, &mut texts);
-                texts
-                    .iter()
-                    .flat_map(|text| text.lines())
-                    .find_map(|line| line.strip_prefix("redis_version:"))
-                    .map(|version| version.trim().to_owned())
-                    .ok_or_else(|| {
-                        redis::RedisError::from((
-                            redis::ErrorKind::UnexpectedReturnType,
-                            "a master's INFO server names no redis_version",
-                        ))
-                    })
+                let field = |name: &str| {
+                    texts
+                        .iter()
+                        .flat_map(|text| text.lines())
+                        .find_map(|line| line.strip_prefix(name))
+                        .map(|version| version.trim().to_owned())
+                };
+                let redis = field("redis_version:").ok_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::UnexpectedReturnType,
+                        "a master's INFO server names no redis_version",
+                    ))
+                })?;
+                Ok(ServerVersion {
+                    redis,
+                    valkey: field("valkey_version:"),
+                })
             })
             .collect()
     }
@@ -130,14 +136,38 @@ fn strings_in(value: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// Whether a server of `version` (`7.2.4`) has `SET` with both `NX` and
-/// `GET`, which came with 7.0.
-pub(super) fn sets_and_gets(version: &str) -> bool {
-    version
-        .split('.')
-        .next()
-        .and_then(|major| major.parse::<u32>().ok())
-        .is_some_and(|major| major >= 7)
+/// What a master's `INFO server` says it runs: the Redis version it
+/// answers to (Valkey names one too, `7.2.4`), and Valkey's own.
+#[derive(Debug)]
+pub(super) struct ServerVersion {
+    pub(super) redis: String,
+    pub(super) valkey: Option<String>,
+}
+
+impl ServerVersion {
+    /// Whether it has `SET` with both `NX` and `GET`, which came with
+    /// Redis 7.0.
+    pub(super) fn sets_and_gets(&self) -> bool {
+        at_least(&self.redis, (7, 0))
+    }
+
+    /// Whether it has `SET … IFEQ`, which came with Valkey 8.1 and Redis 8.4.
+    pub(super) fn sets_if_equal(&self) -> bool {
+        match &self.valkey {
+            Some(valkey) => at_least(valkey, (8, 1)),
+            None => at_least(&self.redis, (8, 4)),
+        }
+    }
+}
+
+/// Whether `version` (`8.1.1`) is `major.minor` or later.
+fn at_least(version: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(|part| part.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(a), Some(b)) => (a, b) >= (major, minor),
+        (Some(a), None) => a > major,
+        _ => false,
+    }
 }
 
 /// Whether a `maxmemory-policy` may evict keys that carry a TTL, as every
@@ -150,11 +180,38 @@ pub(super) fn evicts_keys_with_a_ttl(policy: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn redis(version: &str) -> ServerVersion {
+        ServerVersion {
+            redis: version.to_owned(),
+            valkey: None,
+        }
+    }
+
+    fn valkey(version: &str) -> ServerVersion {
+        ServerVersion {
+            redis: "7.2.4".to_owned(),
+            valkey: Some(version.to_owned()),
+        }
+    }
+
     #[test]
     fn set_with_nx_and_get_needs_redis_7() {
-        assert!(sets_and_gets("7.0.15"));
-        assert!(sets_and_gets("8.2.1"));
-        assert!(!sets_and_gets("6.2.14"));
-        assert!(!sets_and_gets("unknown"));
+        assert!(redis("7.0.15").sets_and_gets());
+        assert!(redis("8.2.1").sets_and_gets());
+        assert!(valkey("8.0.2").sets_and_gets());
+        assert!(!redis("6.2.14").sets_and_gets());
+        assert!(!redis("unknown").sets_and_gets());
+    }
+
+    #[test]
+    fn set_if_equal_needs_valkey_8_1_or_redis_8_4() {
+        assert!(valkey("8.1.1").sets_if_equal());
+        assert!(valkey("9.0.0").sets_if_equal());
+        assert!(redis("8.4.0").sets_if_equal());
+        assert!(redis("10.0.1").sets_if_equal());
+        assert!(!valkey("8.0.2").sets_if_equal());
+        assert!(!redis("8.2.1").sets_if_equal());
+        assert!(!redis("7.0.15").sets_if_equal());
+        assert!(!redis("unknown").sets_if_equal());
     }
 }

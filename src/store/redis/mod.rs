@@ -1,12 +1,15 @@
 use std::{
     fmt,
-    sync::{atomic::AtomicBool, Arc},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
     time::Duration,
 };
 
 use redis::{aio::ConnectionManager, cluster_async::ClusterConnection, Script};
 
-use self::connection::{evicts_keys_with_a_ttl, sets_and_gets, Connection};
+use self::connection::{evicts_keys_with_a_ttl, Connection, ServerVersion};
 use super::StoreError;
 
 mod connection;
@@ -30,9 +33,12 @@ mod value;
 /// the key with. Where the server has `SET … IFEQ` (Valkey 8.1 and later,
 /// Redis 8.4 and later), it is that one native command: the record
 /// replaces the lock only if the lock is still this token's, unfenced, and
-/// no script runs. A server without it refuses the first such `SET`, and
-/// the store then uses scripts for good, as it does for a fenced lock,
-/// whose value carries its lease's end. On one server, that script is
+/// no script runs. [`connect`] and [`connect_cluster`] read every
+/// master's version and send it only if all have it; a store on a
+/// connection of your own sends it until a server refuses it (a syntax
+/// error, which writes nothing). Elsewhere the store uses scripts, as it
+/// does for a fenced lock, whose value carries its lease's end. On one
+/// server, that script is
 /// pipelined after a native `SET` of the record to a key of its own, and
 /// renames that key onto the record's once it has checked the lock: the
 /// response never passes through Lua, which costs Redis a third less per
@@ -226,16 +232,21 @@ impl RedisStore {
     }
 
     /// Refuses a server older than 7.0, on which every `begin` would fail,
-    /// and warns of one that may evict keys.
+    /// warns of one that may evict keys, and sends `SET … IFEQ` only if
+    /// every master has it (a store whose versions are unknown finds out
+    /// from the first answer).
     async fn check_server(&self) -> Result<(), StoreError> {
         match self.connection.versions().await {
             Ok(versions) => {
-                if let Some(old) = versions.iter().find(|v| !sets_and_gets(v)) {
+                if let Some(old) = versions.iter().find(|v| !v.sets_and_gets()) {
                     return Err(StoreError::backend(format!(
                         "RedisStore needs Redis 7.0 or newer (SET with NX and GET); \
-                         a server runs {old}"
+                         a server runs {}",
+                        old.redis
                     )));
                 }
+                let native = versions.iter().all(ServerVersion::sets_if_equal);
+                self.compare_and_set.store(native, Ordering::Relaxed);
             }
             Err(err) => tracing::warn!(
                 error = %err,

@@ -95,7 +95,7 @@ impl RedisStore {
     /// record only over this token's unfenced lock, and answers what it
     /// found, so no script runs. `None` when a script has to decide: the
     /// lock is fenced (its value carries the lease's end, which the store
-    /// does not know), or the server refused the command.
+    /// does not know), the key is gone, or the server refused the command.
     async fn complete_in_place(
         &self,
         name: &str,
@@ -104,7 +104,8 @@ impl RedisStore {
         token: LockToken,
         ttl: Duration,
     ) -> Option<Result<(), StoreError>> {
-        let mut set = redis::Cmd::with_capacity(8, name.len() + 2 * lock.len() + 32);
+        let size = name.len() + record.head.len() + record.response.len() + lock.len() + 32;
+        let mut set = redis::Cmd::with_capacity(8, size);
         set.arg("SET")
             .arg(name)
             .arg(record)
@@ -115,9 +116,10 @@ impl RedisStore {
             .arg("GET");
         let found: Option<Vec<u8>> = match self.connection.query(&set).await {
             Ok(found) => found,
-            // An `ERR` never writes: the script decides instead. A server
-            // without `IFEQ` calls it a syntax error, and is not asked again.
-            Err(err) if err.kind() == ErrorKind::Server(ServerErrorKind::ResponseError) => {
+            // A refused `SET` never writes: the script decides instead. A
+            // server without `IFEQ` calls it a syntax error, and is not
+            // asked again.
+            Err(err) if err.code().is_some() => {
                 if err.detail().is_some_and(|d| d.starts_with("syntax error")) {
                     self.compare_and_set.store(false, Ordering::Relaxed);
                 }
@@ -127,8 +129,11 @@ impl RedisStore {
         };
         match found {
             Some(found) if found == lock || record.written_in(&found) => Some(Ok(())),
+            // A server that answers nothing where the condition failed, as
+            // one without the old value might, leaves it to the script too.
+            None => None,
             Some(found) if value::held_by(&found, token) => None,
-            _ => Some(Err(StoreError::LockLost)),
+            Some(_) => Some(Err(StoreError::LockLost)),
         }
     }
 
