@@ -37,21 +37,28 @@ valkey_server() {
   local dir tarball
   dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target/servers/valkey-$valkey_version"
   if [ ! -x "$dir/src/valkey-server" ]; then
-    command -v make >/dev/null && command -v cc >/dev/null && command -v curl >/dev/null \
-      || install_packages make gcc libc6-dev curl
+    local tool missing=()
+    for tool in make:make cc:gcc curl:curl xz:xz-utils; do
+      command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
+    done
+    [ ${#missing[@]} -eq 0 ] || install_packages "${missing[@]}" libc6-dev
     printf '[%s] building Valkey %s into %s\n' "$(basename "$0")" "$valkey_version" "$dir" >&2
-    rm -rf "$dir" && mkdir -p "$dir"
-    tarball="$dir.tar.xz"
+    # Built aside and moved into place whole, so that a build cut short,
+    # or another script's at the same time, never leaves half of one.
+    local build="$dir.build.$$"
+    rm -rf "$build" && mkdir -p "$build"
+    tarball="$build.tar.xz"
     curl -fsSL -o "$tarball" \
       "https://deb.debian.org/debian/pool/main/v/valkey/valkey_$valkey_version+dfsg1.orig.tar.xz"
     echo "$valkey_source_sha256  $tarball" | sha256sum --check --quiet
-    tar -xJf "$tarball" -C "$dir" --strip-components=1
+    tar -xJf "$tarball" -C "$build" --strip-components=1
     rm -f "$tarball"
-    make -C "$dir" -j"$(nproc)" MALLOC=libc BUILD_TLS=no valkey-server >"$dir/build.log" 2>&1 || {
-      tail -n 30 "$dir/build.log" >&2
+    make -C "$build" -j"$(nproc)" MALLOC=libc BUILD_TLS=no valkey-server >"$build/build.log" 2>&1 || {
+      tail -n 30 "$build/build.log" >&2
       echo "could not build Valkey" >&2
       exit 1
     }
+    mv -T "$build" "$dir" 2>/dev/null || rm -rf "$build"
   fi
   echo "$dir/src/valkey-server"
 }
