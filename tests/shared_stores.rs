@@ -405,7 +405,7 @@ async fn redis_record_takes_about_its_own_size() {
         usage * 2 < length * 3,
         "{usage} bytes of memory for a {length}-byte record"
     );
-    // Staged records too, whose keys open with a brace.
+    // Staged records too, whose keys hold the record's in braces.
     let keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("*memcheck:*{}*", key.to_hex()))
         .query_async(&mut conn)

@@ -25,9 +25,10 @@ mod value;
 /// fenced `complete` on a server with `SET … IFEQ`), atomic and on one hash
 /// slot of a cluster. `begin` is Redis's own `SET … NX PX … GET`:
 /// it takes a free key, or answers a replay, for what a `GET` costs. The
-/// steps that must compare a lock token before they write are server-side
-/// scripts (`EVALSHA`, loaded into a server that lacks them), as is taking
-/// over a fenced record whose lease ran out.
+/// other steps, which must compare a lock token before they write, are
+/// server-side scripts (`EVALSHA`, loaded into a server that lacks them),
+/// as is taking over a fenced record whose lease ran out, except where
+/// `complete` can compare natively.
 ///
 /// `complete` writes the record whole, with the fingerprint `begin` took
 /// the key with. Where the server has `SET … IFEQ` (Valkey 8.1 and later,
@@ -38,11 +39,10 @@ mod value;
 /// connection of your own sends it until a server refuses it (a syntax
 /// error, which writes nothing). Elsewhere the store uses scripts, as it
 /// does for a fenced lock, whose value carries its lease's end. On one
-/// server, that script is
-/// pipelined after a native `SET` of the record to a key of its own, and
-/// renames that key onto the record's once it has checked the lock: the
-/// response never passes through Lua, which costs Redis a third less per
-/// first use. The staged key is the prefix, the record's key in braces,
+/// server, that script is pipelined after a native `SET` of the record to
+/// a key of its own, and renames that key onto the record's once it has
+/// checked the lock: the response never passes through Lua, which Redis
+/// 7.0 would hash byte by byte. The staged key is the prefix, the record's key in braces,
 /// `:staged:` and the lock token in hex (or, if the prefix has a hash tag
 /// of its own, the record's key, `:staged:` and the token): it opens with
 /// the prefix, for an ACL that limits the store's keys to it, and shares
@@ -55,7 +55,7 @@ mod value;
 /// In-flight leases and completed-record TTLs are Redis key expiries, so
 /// nothing needs sweeping. Keys are `{prefix}{hex digest}`; the prefix
 /// defaults to `idempotency:`. Needs Redis 7.0 or newer (`SET` with both
-/// `NX` and `GET`).
+/// `NX` and `GET`), or Valkey.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
