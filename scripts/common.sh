@@ -34,30 +34,36 @@ missing_server_packages() {
 valkey_version=8.1.1
 valkey_source_sha256=d9bbd82eecb82f359e649a0007ad3dc1b47cc15afa626348ca86b73c4ae2c7ee
 valkey_server() {
-  local dir tarball
+  local dir build tarball tool missing=()
   dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target/servers/valkey-$valkey_version"
   if [ ! -x "$dir/src/valkey-server" ]; then
-    local tool missing=()
     for tool in make:make cc:gcc curl:curl xz:xz-utils; do
       command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
     done
-    [ ${#missing[@]} -eq 0 ] || install_packages "${missing[@]}" libc6-dev
+    # Each step checks its own failure: callers run this inside $(…),
+    # where `set -e` does not stop it.
+    if [ ${#missing[@]} -gt 0 ]; then
+      install_packages "${missing[@]}" libc6-dev || return 1
+    fi
     printf '[%s] building Valkey %s into %s\n' "$(basename "$0")" "$valkey_version" "$dir" >&2
     # Built aside and moved into place whole, so that a build cut short,
     # or another script's at the same time, never leaves half of one.
-    local build="$dir.build.$$"
-    rm -rf "$build" && mkdir -p "$build"
+    build="$dir.build.$$"
     tarball="$build.tar.xz"
-    curl -fsSL -o "$tarball" \
-      "https://deb.debian.org/debian/pool/main/v/valkey/valkey_$valkey_version+dfsg1.orig.tar.xz"
-    echo "$valkey_source_sha256  $tarball" | sha256sum --check --quiet
-    tar -xJf "$tarball" -C "$build" --strip-components=1
+    rm -rf "$build" && mkdir -p "$build" || return 1
+    if ! curl -fsSL -o "$tarball" \
+      "https://deb.debian.org/debian/pool/main/v/valkey/valkey_$valkey_version+dfsg1.orig.tar.xz" \
+      || ! echo "$valkey_source_sha256  $tarball" | sha256sum --check --quiet >&2 \
+      || ! tar -xJf "$tarball" -C "$build" --strip-components=1 \
+      || ! make -C "$build" -j"$(nproc)" MALLOC=libc BUILD_TLS=no valkey-server >"$build/build.log" 2>&1; then
+      tail -n 30 "$build/build.log" >&2 2>/dev/null
+      rm -rf "$build" "$tarball"
+      echo "could not download, check or build Valkey $valkey_version" >&2
+      return 1
+    fi
     rm -f "$tarball"
-    make -C "$build" -j"$(nproc)" MALLOC=libc BUILD_TLS=no valkey-server >"$build/build.log" 2>&1 || {
-      tail -n 30 "$build/build.log" >&2
-      echo "could not build Valkey" >&2
-      exit 1
-    }
+    # A directory left without a server by an older, cut-short build.
+    [ -x "$dir/src/valkey-server" ] || rm -rf "$dir"
     mv -T "$build" "$dir" 2>/dev/null || rm -rf "$build"
   fi
   echo "$dir/src/valkey-server"

@@ -45,9 +45,10 @@ if state == 'n' then return {'not_replayable', ''} end
 return {'completed', string.sub(v, 51)}
 ";
 
-/// `complete` on one server, where `SET … IFEQ` is missing or found the
-/// lock fenced. `KEYS`: the record, the record staged beside it
-/// (`value.rs`). `ARGV`: token, new state (`c` or `n`).
+/// `complete` on one server, where `SET … IFEQ` is missing or left the
+/// decision to it (a fenced lock, a missing key, a refused command).
+/// `KEYS`: the record, the record staged beside it (`value.rs`). `ARGV`:
+/// token, new state (`c` or `n`).
 ///
 /// The staged record, whole, came in with a native `SET` just before, with
 /// the record's TTL, which the rename keeps, so the response never becomes
@@ -73,8 +74,8 @@ if type(renamed) == 'table' and renamed.err then return renamed end
 return 1
 ";
 
-/// `complete` on a cluster, where `SET … IFEQ` is missing or found the
-/// lock fenced, on the record's one key. `ARGV`: token, new state (`c` or
+/// `complete` on a cluster, where `SET … IFEQ` is missing or left the
+/// decision to it, on the record's one key. `ARGV`: token, new state (`c` or
 /// `n`), the record (`value.rs`), TTL.
 ///
 /// It touches only the key it found, so that it runs while the key's slot

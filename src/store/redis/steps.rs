@@ -1,5 +1,5 @@
 //! The steps of a Redis store: the `Store` operations, one round trip
-//! each, and what they share.
+//! each in the common case, and what they share.
 
 use std::{sync::atomic::Ordering, time::Duration};
 
@@ -229,8 +229,8 @@ impl Store for RedisStore {
         let token = LockToken::random();
         let name = self.key(key);
         let lock = value::lock(fingerprint, token);
-        // Sized for its six arguments, so that it is never grown.
-        let mut set = redis::Cmd::with_capacity(6, name.len() + lock.len() + 32);
+        // Sized for its seven arguments, so that it is never grown.
+        let mut set = redis::Cmd::with_capacity(7, name.len() + lock.len() + 32);
         set.arg("SET")
             .arg(&name)
             .arg(&lock[..])
