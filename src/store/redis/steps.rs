@@ -96,21 +96,20 @@ impl RedisStore {
     /// found, so no script runs. `None` when a script has to decide: the
     /// lock is fenced (its value carries the lease's end, which the store
     /// does not know), the key is gone, or the server refused the command.
-    async fn complete_in_place(
+    async fn complete_natively(
         &self,
         name: &str,
-        lock: &[u8],
         record: &value::Record<'_>,
-        token: LockToken,
         ttl: Duration,
     ) -> Option<Result<(), StoreError>> {
+        let lock = record.lock();
         let size = name.len() + record.head.len() + record.response.len() + lock.len() + 32;
         let mut set = redis::Cmd::with_capacity(8, size);
         set.arg("SET")
             .arg(name)
             .arg(record)
             .arg("IFEQ")
-            .arg(lock)
+            .arg(&lock[..])
             .arg("PX")
             .arg(expiry_millis(ttl))
             .arg("GET");
@@ -132,7 +131,7 @@ impl RedisStore {
             // A server that answers nothing where the condition failed, as
             // one without the old value might, leaves it to the script too.
             None => None,
-            Some(found) if value::held_by(&found, token) => None,
+            Some(found) if record.held_in(&found) => None,
             Some(_) => Some(Err(StoreError::LockLost)),
         }
     }
@@ -285,14 +284,12 @@ impl Store for RedisStore {
         };
         let record = value::Record::new(state, fingerprint, token, &response);
         let name = self.key(key);
-        let in_place = if self.compare_and_set.load(Ordering::Relaxed) {
-            let lock = value::lock(fingerprint, token);
-            self.complete_in_place(&name, &lock, &record, token, ttl)
-                .await
+        let natively = if self.compare_and_set.load(Ordering::Relaxed) {
+            self.complete_natively(&name, &record, ttl).await
         } else {
             None
         };
-        match (in_place, &self.connection) {
+        match (natively, &self.connection) {
             (Some(done), _) => done?,
             (None, Connection::Single(connection)) => {
                 let connection = &mut connection.clone();

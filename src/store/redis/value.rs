@@ -60,6 +60,18 @@ impl<'a> Record<'a> {
         Self { head, response }
     }
 
+    /// The lock this record replaces: its head, in flight and not fenced.
+    pub(super) fn lock(&self) -> [u8; HEADER] {
+        let mut lock = self.head;
+        lock[0] = b'i';
+        lock
+    }
+
+    /// Whether `value` is this record's token's lock, fenced or not.
+    pub(super) fn held_in(&self, value: &[u8]) -> bool {
+        value.len() >= HEADER && value[0] == b'i' && value[34..HEADER] == self.head[34..]
+    }
+
     /// Whether `value`, a record's old value, is this record already: a
     /// retry of the very `complete` that wrote it.
     pub(super) fn written_in(&self, value: &[u8]) -> bool {
@@ -230,6 +242,27 @@ mod tests {
         assert!(!record.written_in(&completed(&fp, LockToken::from_u128(2), b"response")));
         assert!(!record.written_in(&lock(&fp, token)));
         assert!(!Record::new(b'n', &fp, token, b"").written_in(&completed(&fp, token, b"")));
+    }
+
+    #[test]
+    fn a_record_replaces_its_tokens_unfenced_lock() {
+        let (fp, token) = (fingerprint(7), LockToken::from_u128(1));
+        let record = Record::new(b'n', &fp, token, b"");
+        assert_eq!(record.lock(), lock(&fp, token));
+    }
+
+    #[test]
+    fn a_record_finds_its_tokens_lock_held_fenced_or_not() {
+        let (fp, token) = (fingerprint(7), LockToken::from_u128(1));
+        let record = Record::new(b'c', &fp, token, b"response");
+        let mut fenced = lock(&fp, token).to_vec();
+        fenced[1] = b'1';
+        fenced.extend_from_slice(b"1700000000000");
+        assert!(record.held_in(&lock(&fp, token)));
+        assert!(record.held_in(&fenced));
+        assert!(!record.held_in(&lock(&fp, LockToken::from_u128(2))));
+        assert!(!record.held_in(&completed(&fp, token, b"response")));
+        assert!(!record.held_in(b"i0"));
     }
 
     #[test]
