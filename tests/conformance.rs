@@ -15,32 +15,35 @@ mod hash_map_store {
     });
 }
 
+/// A store on the test server (or, with `cluster`, the test cluster)
+/// whose URL (or comma-separated node URLs) `scripts/with-servers` put in
+/// the variable `var`.
+#[cfg(feature = "redis")]
+async fn redis_store(var: &str, cluster: bool) -> tower_idempotency::store::RedisStore {
+    use tower_idempotency::store::RedisStore;
+    let urls = std::env::var(var)
+        .unwrap_or_else(|_| panic!("{var} is not set: run the tests with ./scripts/test"));
+    let store = if cluster {
+        RedisStore::connect_cluster(urls.split(',')).await
+    } else {
+        RedisStore::connect(&urls).await
+    };
+    store
+        .unwrap_or_else(|err| panic!("connect to the server in {var}: {err}"))
+        .with_prefix("conformance:")
+}
+
 #[cfg(feature = "redis")]
 mod redis {
-    async fn store() -> tower_idempotency::store::RedisStore {
-        let url = std::env::var("TEST_REDIS_URL")
-            .expect("TEST_REDIS_URL is not set: run the tests with ./scripts/test");
-        tower_idempotency::store::RedisStore::connect(&url)
-            .await
-            .expect("connect to the test Redis")
-            .with_prefix("conformance:")
-    }
-
-    tower_idempotency::store_conformance_tests!(store());
+    tower_idempotency::store_conformance_tests!(super::redis_store("TEST_REDIS_URL", false));
 }
 
 #[cfg(feature = "redis")]
 mod redis_cluster {
-    async fn store() -> tower_idempotency::store::RedisStore {
-        let nodes = std::env::var("TEST_REDIS_CLUSTER_URLS")
-            .expect("TEST_REDIS_CLUSTER_URLS is not set: run the tests with ./scripts/test");
-        tower_idempotency::store::RedisStore::connect_cluster(nodes.split(','))
-            .await
-            .expect("connect to the test cluster")
-            .with_prefix("conformance:")
-    }
-
-    tower_idempotency::store_conformance_tests!(store());
+    tower_idempotency::store_conformance_tests!(super::redis_store(
+        "TEST_REDIS_CLUSTER_URLS",
+        true
+    ));
 }
 
 #[cfg(feature = "postgres")]
@@ -77,14 +80,15 @@ mod postgres {
 /// command, where Redis 7.0 runs a script.
 #[cfg(feature = "redis")]
 mod valkey {
-    async fn store() -> tower_idempotency::store::RedisStore {
-        let url = std::env::var("TEST_VALKEY_URL")
-            .expect("TEST_VALKEY_URL is not set: run the tests with ./scripts/test");
-        tower_idempotency::store::RedisStore::connect(&url)
-            .await
-            .expect("connect to the test Valkey")
-            .with_prefix("conformance:")
-    }
+    tower_idempotency::store_conformance_tests!(super::redis_store("TEST_VALKEY_URL", false));
+}
 
-    tower_idempotency::store_conformance_tests!(store());
+/// A Valkey cluster completes natively too: `SET … IFEQ` follows the key's
+/// slot as any one-key command does.
+#[cfg(feature = "redis")]
+mod valkey_cluster {
+    tower_idempotency::store_conformance_tests!(super::redis_store(
+        "TEST_VALKEY_CLUSTER_URLS",
+        true
+    ));
 }
