@@ -250,18 +250,19 @@ async fn complete_during_migration(server: String) {
     }
 }
 
-/// What a failover does to locks held on the master that fails: `requests`
-/// long requests take their locks, the master of one shard is killed, its
-/// replica takes over, and every key is retried while the first requests
-/// still run, through a store without replica acks, so that a lock that
-/// survived answers 409 and a lost one runs again. Returns (keys that ran
-/// twice, keys whose first request was refused with 503, retries that
-/// found their lock).
+/// What a failover does to locks held on the master that fails, on a
+/// cluster of `server`s: 12 long requests take their locks, the master of
+/// one shard is killed, its replica takes over, and every key is retried
+/// while the first requests still run, through a store without replica
+/// acks, so that a lock that survived answers 409 and a lost one runs
+/// again; once the first requests are done, every key is sent once more.
 async fn failover_while_locks_are_held(
+    server: &str,
     replica_acks: bool,
     lagging_replica: bool,
-) -> (usize, usize, usize) {
-    let mut cluster = tokio::task::spawn_blocking(|| Cluster::start(3, 1))
+) -> Failover {
+    let server = server.to_owned();
+    let mut cluster = tokio::task::spawn_blocking(move || Cluster::start_with(&server, 3, 1))
         .await
         .unwrap();
     let mut store = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
@@ -324,40 +325,79 @@ async fn failover_while_locks_are_held(
             refused += 1;
         }
     }
+    let mut replayed = 0;
+    for key in &keys {
+        let again = send(&retries, post("/payments", Some(key), "{}")).await;
+        if again.headers().contains_key("idempotent-replayed") {
+            replayed += 1;
+        }
+    }
     drop(cluster);
-    (runs.twice(), refused, found)
+    Failover {
+        twice: runs.twice(),
+        refused,
+        found,
+        replayed,
+    }
+}
+
+/// What [`failover_while_locks_are_held`] saw, of its 12 keys.
+#[derive(Debug)]
+struct Failover {
+    /// Keys whose handler ran twice.
+    twice: usize,
+    /// Keys whose first request was refused with 503.
+    refused: usize,
+    /// Keys whose retry, while the first request ran, found its lock.
+    found: usize,
+    /// Keys that replayed once every request was done.
+    replayed: usize,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_a_lagging_replica_loses_locks_without_replica_acks() {
-    let (twice, refused, found) = failover_while_locks_are_held(false, true).await;
-    eprintln!(
-        "failover, no replica acks, lagging replica: \
-         {twice} of 12 keys ran twice, {refused} refused, {found} locks found"
-    );
+    let seen = failover_while_locks_are_held("redis-server", false, true).await;
+    eprintln!("failover, no replica acks, lagging replica: {seen:?}");
     assert!(
-        twice > 0,
+        seen.twice > 0,
         "the locks on the failed master were lost with it"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_with_replica_acks_never_runs_a_key_twice() {
-    let (twice, refused, found) = failover_while_locks_are_held(true, true).await;
-    eprintln!(
-        "failover, replica acks, lagging replica: \
-         {twice} of 12 keys ran twice, {refused} refused, {found} locks found"
+    let seen = failover_while_locks_are_held("redis-server", true, true).await;
+    eprintln!("failover, replica acks, lagging replica: {seen:?}");
+    assert_eq!(seen.twice, 0);
+    assert!(
+        seen.refused > 0,
+        "the locks the replica never had were refused"
     );
-    assert_eq!(twice, 0);
-    assert!(refused > 0, "the locks the replica never had were refused");
-    let (twice, refused, found) = failover_while_locks_are_held(true, false).await;
-    eprintln!(
-        "failover, replica acks, healthy replica: \
-         {twice} of 12 keys ran twice, {refused} refused, {found} locks found"
+    failover_with_a_healthy_replica_and_replica_acks("redis-server").await;
+}
+
+/// On Valkey, where each completion is a native `SET … IFEQ` against the
+/// lock the new master kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_on_valkey_with_replica_acks_never_runs_a_key_twice() {
+    failover_with_a_healthy_replica_and_replica_acks(&valkey_server()).await;
+}
+
+/// With replica acks and a replica that keeps up, every lock survives the
+/// failover and every completion lands on the new master.
+async fn failover_with_a_healthy_replica_and_replica_acks(server: &str) {
+    let seen = failover_while_locks_are_held(server, true, false).await;
+    eprintln!("{server} failover, replica acks, healthy replica: {seen:?}");
+    assert_eq!(seen.twice, 0);
+    assert_eq!(seen.refused, 0, "acknowledged locks run");
+    assert_eq!(
+        seen.found, 12,
+        "every acknowledged lock survived the failover"
     );
-    assert_eq!(twice, 0);
-    assert_eq!(refused, 0, "acknowledged locks run");
-    assert_eq!(found, 12, "every acknowledged lock survived the failover");
+    assert_eq!(
+        seen.replayed, 12,
+        "every completion landed on the new master"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
