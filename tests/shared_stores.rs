@@ -840,3 +840,77 @@ async fn a_store_on_a_connection_of_its_own_asks_redis_7_for_ifeq_once() {
     assert!(scripts >= 20, "{scripts} scripts for 20 first uses");
     assert_eq!(command_calls(&url, "set").await.1, 1, "SETs refused");
 }
+
+/// The server applies a completion and the connection goes before its
+/// answer does: the layer asks again, over a new connection, and the retry
+/// finds the record its own token wrote and takes it for done. The handler
+/// ran once for the key, the key replays what it answered, and nothing is
+/// logged above `DEBUG`. Another key is used first, so that the server has
+/// every script the store runs before the answer is lost.
+async fn completion_whose_answer_is_lost(url: &str) {
+    let proxy = Arc::new(proxy::Proxy::start(proxy::url_addr(url)).await);
+    let store = RedisStore::connect(&proxy::via(url, proxy.addr))
+        .await
+        .unwrap();
+    let counter = Counter::default();
+    let in_handler = Arc::clone(&proxy);
+    let svc = app(
+        &IdempotencyLayer::new(store),
+        counter.respond_with(Duration::ZERO, move |run, _| {
+            // The next answer is the second key's completion's.
+            if run == 2 {
+                in_handler.lose_next_answer();
+            }
+            http::Response::builder().status(StatusCode::CREATED)
+        }),
+    );
+    let warm_up = send(&svc, post("/payments", Some(&unique_key("warm-up")), "{}")).await;
+    assert_eq!(warm_up.status(), StatusCode::CREATED);
+    let key = unique_key("lost-answer");
+    let (logs, _guard) = common::capture_logs();
+    let (first, first_body) =
+        common::read(send(&svc, post("/payments", Some(&key), "{}")).await).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(proxy.answers_lost(), 1, "the completion's answer was lost");
+    let (replay, replay_body) =
+        common::read(send(&svc, post("/payments", Some(&key), "{}")).await).await;
+    assert_eq!(replay.headers["idempotent-replayed"], "true");
+    assert_eq!(replay_body, first_body);
+    assert_eq!(counter.runs(), 2);
+    let logs = logs.text();
+    assert!(!logs.contains("WARN") && !logs.contains("ERROR"), "{logs}");
+}
+
+/// On Valkey the retry is the same `SET … IFEQ`, which answers the record.
+#[tokio::test]
+async fn a_native_completion_whose_answer_is_lost_is_retried_and_finds_its_own_record() {
+    let port = free_port();
+    let _server = own_server(&valkey_server(), port, &[]);
+    let url = format!("redis://127.0.0.1:{port}");
+    completion_whose_answer_is_lost(&url).await;
+    // The warm-up's begin and completion, the key's begin, its completion
+    // twice and its replay's begin.
+    assert_eq!(command_calls(&url, "set").await, (6, 0), "SETs, refused");
+    assert_eq!(command_calls(&url, "evalsha").await, (0, 0));
+}
+
+/// On Redis 7.0 the retry stages the record again, and the script, finding
+/// the record, drops what was staged: only the record is left.
+#[tokio::test]
+async fn a_scripted_completion_whose_answer_is_lost_is_retried_and_finds_its_own_record() {
+    let port = free_port();
+    let _server = own_redis(port, &[]);
+    let url = format!("redis://127.0.0.1:{port}");
+    completion_whose_answer_is_lost(&url).await;
+    // The warm-up's completion (once refused, as the fresh server had not
+    // the script yet), the key's completion and its retry.
+    let (calls, refused) = command_calls(&url, "evalsha").await;
+    assert_eq!(calls - refused, 3, "{calls} scripts run, {refused} refused");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut redis_connection(&url).await)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    assert!(keys.iter().all(|key| !key.contains(":staged:")), "{keys:?}");
+}
