@@ -842,22 +842,23 @@ async fn a_store_on_a_connection_of_its_own_asks_redis_7_for_ifeq_once() {
 }
 
 /// The server applies a completion and the connection goes before its
-/// answer does: the layer asks again, over a new connection, and the retry
-/// finds the record its own token wrote and takes it for done. The handler
-/// ran once for the key, the key replays what it answered, and nothing is
-/// logged above `DEBUG`. Another key is used first, so that the server has
-/// every script the store runs before the answer is lost.
-async fn completion_whose_answer_is_lost(url: &str) {
-    let proxy = Arc::new(proxy::Proxy::start(proxy::url_addr(url)).await);
-    let store = RedisStore::connect(&proxy::via(url, proxy.addr))
-        .await
-        .unwrap();
+/// answer does (`proxy` drops it): the layer asks again, over a new
+/// connection. The handler ran once for the key, and the key replays what
+/// it answered. Another key is used first, so that the server has every
+/// script and statement the store runs before the answer is lost. Returns
+/// what was logged meanwhile.
+async fn completion_whose_answer_is_lost(
+    proxy: Arc<proxy::Proxy>,
+    store: Arc<dyn Store>,
+) -> String {
     let counter = Counter::default();
     let in_handler = Arc::clone(&proxy);
     let svc = app(
-        &IdempotencyLayer::new(store),
-        counter.respond_with(Duration::ZERO, move |run, _| {
-            // The next answer is the second key's completion's.
+        &IdempotencyLayer::with_shared_store(store),
+        // After the delay the pool has tested the connection `begin` gave
+        // back (sqlx pings it): the next answer is the second key's
+        // completion's.
+        counter.respond_with(Duration::from_millis(100), move |run, _| {
             if run == 2 {
                 in_handler.lose_next_answer();
             }
@@ -877,7 +878,18 @@ async fn completion_whose_answer_is_lost(url: &str) {
     assert_eq!(replay.headers["idempotent-replayed"], "true");
     assert_eq!(replay_body, first_body);
     assert_eq!(counter.runs(), 2);
-    let logs = logs.text();
+    logs.text()
+}
+
+/// [`completion_whose_answer_is_lost`] on the Redis or Valkey at `url`,
+/// whose retry finds the record its own token wrote and takes it for done:
+/// nothing is logged above `DEBUG`.
+async fn redis_completion_whose_answer_is_lost(url: &str) {
+    let proxy = Arc::new(proxy::Proxy::start(proxy::url_addr(url)).await);
+    let store = RedisStore::connect(&proxy::via(url, proxy.addr))
+        .await
+        .unwrap();
+    let logs = completion_whose_answer_is_lost(proxy, Arc::new(store)).await;
     assert!(!logs.contains("WARN") && !logs.contains("ERROR"), "{logs}");
 }
 
@@ -887,7 +899,7 @@ async fn a_native_completion_whose_answer_is_lost_is_retried_and_finds_its_own_r
     let port = free_port();
     let _server = own_server(&valkey_server(), port, &[]);
     let url = format!("redis://127.0.0.1:{port}");
-    completion_whose_answer_is_lost(&url).await;
+    redis_completion_whose_answer_is_lost(&url).await;
     // The warm-up's begin and completion, the key's begin, its completion
     // twice and its replay's begin.
     assert_eq!(command_calls(&url, "set").await, (6, 0), "SETs, refused");
@@ -901,7 +913,7 @@ async fn a_scripted_completion_whose_answer_is_lost_is_retried_and_finds_its_own
     let port = free_port();
     let _server = own_redis(port, &[]);
     let url = format!("redis://127.0.0.1:{port}");
-    completion_whose_answer_is_lost(&url).await;
+    redis_completion_whose_answer_is_lost(&url).await;
     // The warm-up's completion (once refused, as the fresh server had not
     // the script yet), the key's completion and its retry.
     let (calls, refused) = command_calls(&url, "evalsha").await;
@@ -913,4 +925,24 @@ async fn a_scripted_completion_whose_answer_is_lost_is_retried_and_finds_its_own
         .unwrap();
     assert_eq!(keys.len(), 2, "{keys:?}");
     assert!(keys.iter().all(|key| !key.contains(":staged:")), "{keys:?}");
+}
+
+/// On PostgreSQL the retried `UPDATE` finds the row completed and says that
+/// an earlier attempt landed; the record is the first attempt's.
+#[tokio::test]
+async fn a_postgres_completion_whose_answer_is_lost_is_retried_and_found_landed() {
+    let proxy = Arc::new(proxy::Proxy::start(proxy::url_addr(&database_url())).await);
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        // No ping before the completion's `UPDATE`: the answer lost is its.
+        .test_before_acquire(false)
+        .connect(&proxy::via(&database_url(), proxy.addr))
+        .await
+        .unwrap();
+    let store = PostgresStore::new(pool)
+        .with_table("lost_answer_records")
+        .unwrap();
+    store.migrate().await.unwrap();
+    let logs = completion_whose_answer_is_lost(proxy, Arc::new(store)).await;
+    assert!(logs.contains("an earlier attempt landed"), "{logs}");
 }
