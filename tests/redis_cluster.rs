@@ -250,6 +250,10 @@ async fn complete_during_migration(server: String) {
     }
 }
 
+/// How long each request of a failover test runs: long enough for the
+/// failover and every retry to happen while the first requests still run.
+const HANDLER_TIME: Duration = Duration::from_secs(8);
+
 /// What a failover does to locks held on the master that fails, on a
 /// cluster of `server`s: 12 long requests take their locks, the master of
 /// one shard is killed, its replica takes over, and every key is retried
@@ -271,7 +275,7 @@ async fn failover_while_locks_are_held(
     }
     let runs = RunsPerKey::default();
     let layer = IdempotencyLayer::new(store).with_lease(Duration::from_secs(30));
-    let svc = common::app(&layer, runs.handler(Duration::from_secs(4)));
+    let svc = common::app(&layer, runs.handler(HANDLER_TIME));
     let victim = cluster.masters()[0];
     let replica = cluster.replica_of(victim);
     if lagging_replica {
@@ -303,7 +307,7 @@ async fn failover_while_locks_are_held(
     let plain = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
     let retries = common::app(
         &IdempotencyLayer::new(plain).with_lease(Duration::from_secs(30)),
-        runs.handler(Duration::from_secs(4)),
+        runs.handler(HANDLER_TIME),
     );
     let mut found = 0;
     for key in &keys {

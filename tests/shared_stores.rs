@@ -847,24 +847,47 @@ async fn a_store_on_a_connection_of_its_own_asks_redis_7_for_ifeq_once() {
 /// it answered. Another key is used first, so that the server has every
 /// script and statement the store runs before the answer is lost. Returns
 /// what was logged meanwhile.
-async fn completion_whose_answer_is_lost(
+async fn completion_whose_answer_is_lost<F, Settled>(
     proxy: Arc<proxy::Proxy>,
     store: Arc<dyn Store>,
-) -> String {
-    let counter = Counter::default();
-    let in_handler = Arc::clone(&proxy);
-    let svc = app(
-        &IdempotencyLayer::with_shared_store(store),
-        // After the delay the pool has tested the connection `begin` gave
-        // back (sqlx pings it): the next answer is the second key's
-        // completion's.
-        counter.respond_with(Duration::from_millis(100), move |run, _| {
-            if run == 2 {
-                in_handler.lose_next_answer();
+    settled: F,
+) -> String
+where
+    F: Fn() -> Settled + Clone + Send + Sync + 'static,
+    Settled: std::future::Future<Output = ()> + Send,
+{
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let runs = Arc::new(AtomicUsize::new(0));
+    let (counted, in_handler) = (Arc::clone(&runs), Arc::clone(&proxy));
+    let handler = tower::util::BoxCloneSyncService::new(tower::service_fn(
+        move |_: http::Request<
+            tower_idempotency::body::RequestBody<http_body_util::Full<bytes::Bytes>>,
+        >| {
+            let (runs, proxy, settled) = (
+                Arc::clone(&counted),
+                Arc::clone(&in_handler),
+                settled.clone(),
+            );
+            async move {
+                let run = runs.fetch_add(1, Ordering::SeqCst) + 1;
+                if run == 2 {
+                    // Once the store is quiet, the next answer is this
+                    // key's completion's.
+                    settled().await;
+                    proxy.lose_next_answer();
+                }
+                Ok::<_, std::convert::Infallible>(
+                    http::Response::builder()
+                        .status(StatusCode::CREATED)
+                        .body(http_body_util::Full::new(bytes::Bytes::from(format!(
+                            "run {run}"
+                        ))))
+                        .unwrap(),
+                )
             }
-            http::Response::builder().status(StatusCode::CREATED)
-        }),
-    );
+        },
+    ));
+    let svc = app(&IdempotencyLayer::with_shared_store(store), handler);
     let warm_up = send(&svc, post("/payments", Some(&unique_key("warm-up")), "{}")).await;
     assert_eq!(warm_up.status(), StatusCode::CREATED);
     let key = unique_key("lost-answer");
@@ -877,7 +900,7 @@ async fn completion_whose_answer_is_lost(
         common::read(send(&svc, post("/payments", Some(&key), "{}")).await).await;
     assert_eq!(replay.headers["idempotent-replayed"], "true");
     assert_eq!(replay_body, first_body);
-    assert_eq!(counter.runs(), 2);
+    assert_eq!(runs.load(Ordering::SeqCst), 2);
     logs.text()
 }
 
@@ -889,7 +912,7 @@ async fn redis_completion_whose_answer_is_lost(url: &str) {
     let store = RedisStore::connect(&proxy::via(url, proxy.addr))
         .await
         .unwrap();
-    let logs = completion_whose_answer_is_lost(proxy, Arc::new(store)).await;
+    let logs = completion_whose_answer_is_lost(proxy, Arc::new(store), || async {}).await;
     assert!(!logs.contains("WARN") && !logs.contains("ERROR"), "{logs}");
 }
 
@@ -939,10 +962,24 @@ async fn a_postgres_completion_whose_answer_is_lost_is_retried_and_found_landed(
         .connect(&proxy::via(&database_url(), proxy.addr))
         .await
         .unwrap();
-    let store = PostgresStore::new(pool)
+    let store = PostgresStore::new(pool.clone())
         .with_table("lost_answer_records")
         .unwrap();
     store.migrate().await.unwrap();
-    let logs = completion_whose_answer_is_lost(proxy, Arc::new(store)).await;
+    // sqlx pings a connection given back to the pool before it is idle:
+    // that answer must come before the one to lose.
+    let settled = move || {
+        let pool = pool.clone();
+        async move {
+            for _ in 0..5_000 {
+                if pool.num_idle() == 1 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            panic!("the pool's connection never came back");
+        }
+    };
+    let logs = completion_whose_answer_is_lost(proxy, Arc::new(store), settled).await;
     assert!(logs.contains("an earlier attempt landed"), "{logs}");
 }

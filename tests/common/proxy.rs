@@ -60,8 +60,9 @@ impl Proxy {
         self.task.abort();
     }
 
-    /// The next answer the target sends, on any connection, is not passed
-    /// on: that connection is closed instead. What the client sent has
+    /// The next chunk the target sends, on any connection, is not passed
+    /// on: that connection is closed instead. In a quiet test that chunk
+    /// is the answer to the one request in flight. What the client sent has
     /// reached the target, so a write was applied and its client never
     /// hears of it. Later connections are forwarded as before.
     pub fn lose_next_answer(&self) {
@@ -74,7 +75,7 @@ impl Proxy {
     }
 }
 
-/// Both ways until the target closes, the client stops reading, or an
+/// Both ways until the target closes, a write to the client fails, or an
 /// answer is lost; then both connections close.
 async fn forward(inbound: TcpStream, outbound: TcpStream, answers: &Answers) {
     let (mut from_client, mut to_client) = inbound.into_split();

@@ -64,6 +64,7 @@ impl<'a> Record<'a> {
     pub(super) fn lock(&self) -> [u8; HEADER] {
         let mut lock = self.head;
         lock[0] = b'i';
+        lock[1] = b'0';
         lock
     }
 
