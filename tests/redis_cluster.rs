@@ -297,7 +297,7 @@ async fn failover_while_locks_are_held(
     if lagging_replica {
         cluster.node(replica).signal("CONT");
     }
-    let cluster = tokio::task::spawn_blocking(move || {
+    let mut cluster = tokio::task::spawn_blocking(move || {
         cluster.wait_for_failover(victim);
         cluster
     })
@@ -336,13 +336,28 @@ async fn failover_while_locks_are_held(
             replayed += 1;
         }
     }
+    let scripts = cluster
+        .masters()
+        .into_iter()
+        .map(|port| script_calls(&cluster.node(port).cli(&["info", "commandstats"])))
+        .sum();
     drop(cluster);
     Failover {
         twice: runs.twice(),
         refused,
         found,
         replayed,
+        scripts,
     }
+}
+
+/// The `EVALSHA` calls in an `INFO commandstats` answer.
+fn script_calls(stats: &str) -> usize {
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a count of calls"))
 }
 
 /// What [`failover_while_locks_are_held`] saw, of its 12 keys.
@@ -356,6 +371,8 @@ struct Failover {
     found: usize,
     /// Keys that replayed once every request was done.
     replayed: usize,
+    /// Scripts the masters ran, once every request was done.
+    scripts: usize,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,12 +401,13 @@ async fn failover_with_replica_acks_never_runs_a_key_twice() {
 /// lock the new master kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_on_valkey_with_replica_acks_never_runs_a_key_twice() {
-    failover_with_a_healthy_replica_and_replica_acks(&valkey_server()).await;
+    let seen = failover_with_a_healthy_replica_and_replica_acks(&valkey_server()).await;
+    assert_eq!(seen.scripts, 0, "every completion was native");
 }
 
 /// With replica acks and a replica that keeps up, every lock survives the
 /// failover and every completion lands on the new master.
-async fn failover_with_a_healthy_replica_and_replica_acks(server: &str) {
+async fn failover_with_a_healthy_replica_and_replica_acks(server: &str) -> Failover {
     let seen = failover_while_locks_are_held(server, true, false).await;
     eprintln!("{server} failover, replica acks, healthy replica: {seen:?}");
     assert_eq!(seen.twice, 0);
@@ -402,6 +420,7 @@ async fn failover_with_a_healthy_replica_and_replica_acks(server: &str) {
         seen.replayed, 12,
         "every completion landed on the new master"
     );
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
