@@ -222,6 +222,12 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// so a store can write the record whole, without reading the lock
     /// for it first. A store may trust it without checking it against the
     /// lock.
+    ///
+    /// The layer calls it again, with the same token and outcome, after a
+    /// [`StoreError::Backend`] error, since an attempt that failed may have
+    /// landed. A store that finds its token's own record then may answer
+    /// `Ok` (the shipped stores do) or [`StoreError::LockLost`], which the
+    /// layer logs as a warning.
     async fn complete(
         &self,
         key: &RecordKey,

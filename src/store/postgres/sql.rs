@@ -193,10 +193,13 @@ impl Statements {
                 "SELECT state, token, effect, fingerprint, response FROM {}($1, $2, $3, $4)",
                 begin_function_call(t)
             ),
+            // A row this token already took to the same state is written
+            // again: a retry after an answer that never came finds what
+            // its first attempt did, not a lost lock.
             complete: format!(
                 "UPDATE {t} SET state = $3, response = $4,
                         lease_until = NULL, expires_at = now() + $5 * interval '1 millisecond'
-                 WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}"
+                 WHERE key = $1 AND token = $2 AND (state = {IN_FLIGHT} OR state = $3)"
             ),
             // An unfenced row is deleted; a fenced one is kept, its lease
             // ended, for the next request to recover.
