@@ -2,7 +2,8 @@
 //! database each create the store's table and function or find them made,
 //! and none crashes; a table an earlier build made is brought up to date;
 //! a tenant's schema gets its own; names PostgreSQL would cut are refused;
-//! responses are compressed with lz4, changed only when the table is free.
+//! responses are compressed with lz4, changed only when the table is free;
+//! a migration waiting for a busy table never holds up other queries.
 #![cfg(feature = "postgres")]
 
 #[path = "common/postgres.rs"]
@@ -93,8 +94,89 @@ async fn concurrent_migrations_of_one_table_named_in_two_cases_all_succeed() {
     }
 }
 
-/// A table as the first builds made it (no `effect` column, no `begin`
-/// function) is brought up to date by `migrate`, and its store then takes,
+/// Makes the table as the first builds made it: no `effect` column, no
+/// `begin` function.
+async fn earlier_table(pool: &sqlx::PgPool) {
+    sqlx::raw_sql(
+        "CREATE TABLE idempotency_records (
+             key BYTEA PRIMARY KEY, fingerprint BYTEA NOT NULL, state SMALLINT NOT NULL,
+             token BYTEA NOT NULL, lease_until TIMESTAMPTZ, response BYTEA,
+             expires_at TIMESTAMPTZ NOT NULL);
+         CREATE INDEX idempotency_records_expires_at ON idempotency_records (expires_at);",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// Adding a column to a table of an earlier build needs a lock that no
+/// other transaction holds. While one holds the table, the migration waits
+/// for it a moment at a time: a query arriving meanwhile is never queued
+/// behind it until that transaction ends, and the migration lands once it
+/// has.
+#[tokio::test]
+async fn a_migration_waiting_for_a_busy_table_holds_up_no_other_query() {
+    use std::time::Duration;
+
+    let database = postgres::fresh_database("migrate_waits").await;
+    let pool = sqlx::PgPool::connect(&database).await.unwrap();
+    earlier_table(&pool).await;
+    let mut busy = pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM idempotency_records")
+        .execute(&mut *busy)
+        .await
+        .unwrap();
+    let store = tower_idempotency::store::PostgresStore::new(pool.clone());
+    let migration = tokio::spawn(async move { store.migrate().await });
+    for attempt in 0..5 {
+        // Once the migration waits in the table's lock queue, where a
+        // query arriving now would be queued behind it.
+        let mut waiting = 0;
+        for _ in 0..2_000 {
+            waiting = sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database()
+                   AND wait_event_type = 'Lock' AND wait_event = 'relation'",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            if waiting > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            waiting, 1,
+            "attempt {attempt}: the migration waits for the table"
+        );
+        let counted = tokio::time::timeout(
+            Duration::from_secs(10),
+            sqlx::query("SELECT count(*) FROM idempotency_records").execute(&pool),
+        )
+        .await;
+        assert!(
+            counted.is_ok(),
+            "attempt {attempt}: a query waited behind the migration until its timeout"
+        );
+    }
+    assert!(!migration.is_finished(), "the table is still held");
+    busy.commit().await.unwrap();
+    migration
+        .await
+        .unwrap()
+        .expect("the migration lands once the table is free");
+    let effect: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_attribute
+         WHERE attrelid = 'idempotency_records'::regclass AND attname = 'effect'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(effect, 1);
+}
+
+/// A table as the first builds made it is brought up to date by `migrate`, and its store then takes,
 /// completes and replays keys.
 #[tokio::test]
 async fn migrating_a_table_of_an_earlier_build_makes_it_usable() {
@@ -108,16 +190,7 @@ async fn migrating_a_table_of_an_earlier_build_makes_it_usable() {
 
     let database = postgres::fresh_database("migrate_earlier").await;
     let pool = sqlx::PgPool::connect(&database).await.unwrap();
-    sqlx::raw_sql(
-        "CREATE TABLE idempotency_records (
-             key BYTEA PRIMARY KEY, fingerprint BYTEA NOT NULL, state SMALLINT NOT NULL,
-             token BYTEA NOT NULL, lease_until TIMESTAMPTZ, response BYTEA,
-             expires_at TIMESTAMPTZ NOT NULL);
-         CREATE INDEX idempotency_records_expires_at ON idempotency_records (expires_at);",
-    )
-    .execute(&pool)
-    .await
-    .unwrap();
+    earlier_table(&pool).await;
     let store = PostgresStore::new(pool);
     store
         .migrate()

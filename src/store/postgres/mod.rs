@@ -118,6 +118,10 @@ impl PostgresStore {
     /// `pg_advisory_xact_lock`, as [`migrate`](Self::migrate) does, if
     /// several processes may run it at once. A table migrated by an
     /// earlier build needs it run again: its `begin` function is new.
+    ///
+    /// Where it has to lock an existing table, it waits 100 ms at most for
+    /// the lock, and otherwise fails with SQLSTATE `55P03`
+    /// (`lock_not_available`) and changes nothing: run it again.
     pub fn migration_sql(&self) -> String {
         sql::migration(&self.table)
     }
@@ -128,6 +132,12 @@ impl PostgresStore {
     /// wait, then find it made. (`CREATE TABLE IF NOT EXISTS` alone is not
     /// safe under concurrency in PostgreSQL: two creators race on the
     /// catalog.)
+    ///
+    /// A table made by an earlier build is altered, which needs a lock on
+    /// it that no other transaction may hold meanwhile. The migration waits
+    /// for that lock 100 ms at most, so that no request to the table is
+    /// queued behind it for longer, and tries again until it gets the lock,
+    /// with a warning each time: wrap the call in a timeout to bound it.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // One simple query: PostgreSQL runs its statements as one implicit
         // transaction, which holds the lock to its end and, if a statement
@@ -141,11 +151,21 @@ impl PostgresStore {
             table = self.table.to_ascii_lowercase(),
             migration = self.migration_sql(),
         );
-        sqlx::raw_sql(&locked)
-            .execute(&self.pool)
-            .await
-            .map_err(StoreError::backend)?;
-        Ok(())
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let Err(err) = sqlx::raw_sql(&locked).execute(&self.pool).await else {
+                return Ok(());
+            };
+            if sqlstate(&err).as_deref() != Some("55P03") {
+                return Err(StoreError::backend(err));
+            }
+            tracing::warn!(
+                table = %self.table,
+                "another transaction holds the idempotency table; migrating again in {backoff:?}"
+            );
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// Deletes every expired record; returns how many.

@@ -31,9 +31,18 @@ BEGIN
     -- starting would otherwise do. The index and the function are looked
     -- for in the table's own schema, where they are made: another schema
     -- on the search path may have its own.
+    --
+    -- A lock on an existing table is waited for a tenth of a second at
+    -- most: a lock request queued behind a long transaction (a handler's,
+    -- holding a row) holds up every later request to the table. The
+    -- migration then fails with lock_not_available, changing nothing, and
+    -- `migrate` runs it again. (An index built on a large table still
+    -- blocks its writes while it builds.)
     IF NOT EXISTS (SELECT 1 FROM pg_attribute
                    WHERE attrelid = to_regclass('{t}') AND attname = 'effect') THEN
+        PERFORM set_config('lock_timeout', '100ms', true);
         ALTER TABLE {t} ADD COLUMN effect BOOLEAN NOT NULL DEFAULT FALSE;
+        PERFORM set_config('lock_timeout', waited, true);
     END IF;
     -- Responses long enough to be compressed are compressed with lz4,
     -- several times cheaper than PostgreSQL's own pglz, where the server
@@ -58,7 +67,9 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_class
                    WHERE relname = '{index}' AND relnamespace = home) THEN
+        PERFORM set_config('lock_timeout', '100ms', true);
         CREATE INDEX {index} ON {t} (expires_at);
+        PERFORM set_config('lock_timeout', waited, true);
     END IF;
     -- A function's body never changes under one name: a new body gets a
     -- new name, so that replicas of an older build keep theirs.
