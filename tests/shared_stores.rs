@@ -869,7 +869,8 @@ async fn a_store_on_a_connection_of_its_own_asks_redis_7_for_ifeq_once() {
 /// it answered. Another key is used first, so that the server has every
 /// script and statement the store runs before the answer is lost. The
 /// retry finds the record its own token wrote and takes it for done: the
-/// layer logs nothing above `DEBUG`.
+/// store's completions answer a backend error, then `Ok`, and the layer
+/// logs nothing above `DEBUG`.
 async fn completion_whose_answer_is_lost<F, Settled>(
     proxy: Arc<proxy::Proxy>,
     store: Arc<dyn Store>,
@@ -878,6 +879,10 @@ async fn completion_whose_answer_is_lost<F, Settled>(
     F: Fn() -> Settled + Clone + Send + Sync + 'static,
     Settled: std::future::Future<Output = ()> + Send,
 {
+    let store = Arc::new(CompletionsSeen {
+        store,
+        seen: std::sync::Mutex::default(),
+    });
     use std::sync::atomic::{AtomicUsize, Ordering};
     let runs = Arc::new(AtomicUsize::new(0));
     let (counted, in_handler) = (Arc::clone(&runs), Arc::clone(&proxy));
@@ -909,9 +914,13 @@ async fn completion_whose_answer_is_lost<F, Settled>(
             }
         },
     ));
-    let svc = app(&IdempotencyLayer::with_shared_store(store), handler);
+    let svc = app(
+        &IdempotencyLayer::with_shared_store(Arc::clone(&store) as Arc<dyn Store>),
+        handler,
+    );
     let warm_up = send(&svc, post("/payments", Some(&unique_key("warm-up")), "{}")).await;
     assert_eq!(warm_up.status(), StatusCode::CREATED);
+    store.seen.lock().unwrap().clear();
     let key = unique_key("lost-answer");
     let (logs, _guard) = common::capture_logs();
     let (first, first_body) =
@@ -923,6 +932,11 @@ async fn completion_whose_answer_is_lost<F, Settled>(
     assert_eq!(replay.headers["idempotent-replayed"], "true");
     assert_eq!(replay_body, first_body);
     assert_eq!(runs.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        *store.seen.lock().unwrap(),
+        ["backend", "ok"],
+        "the key's completions"
+    );
     // The client's own complaints about the connection that went are not
     // the layer's.
     let logs = logs.text();
@@ -930,6 +944,73 @@ async fn completion_whose_answer_is_lost<F, Settled>(
         (line.contains(" WARN ") || line.contains(" ERROR ")) && line.contains("tower_idempotency")
     });
     assert!(!warned, "{logs}");
+}
+
+/// A store that notes what each of its completions answered.
+#[derive(Debug)]
+struct CompletionsSeen {
+    store: Arc<dyn Store>,
+    seen: std::sync::Mutex<Vec<&'static str>>,
+}
+
+#[async_trait::async_trait]
+impl Store for CompletionsSeen {
+    async fn begin(
+        &self,
+        key: &tower_idempotency::key::RecordKey,
+        fingerprint: &tower_idempotency::key::Fingerprint,
+        lease: Duration,
+    ) -> Result<tower_idempotency::store::BeginOutcome, tower_idempotency::store::StoreError> {
+        self.store.begin(key, fingerprint, lease).await
+    }
+
+    async fn complete(
+        &self,
+        key: &tower_idempotency::key::RecordKey,
+        fingerprint: &tower_idempotency::key::Fingerprint,
+        token: tower_idempotency::store::LockToken,
+        outcome: tower_idempotency::store::Completion,
+        ttl: Duration,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        use tower_idempotency::store::StoreError;
+        let done = self
+            .store
+            .complete(key, fingerprint, token, outcome, ttl)
+            .await;
+        self.seen.lock().unwrap().push(match &done {
+            Ok(()) => "ok",
+            Err(StoreError::Backend(_)) => "backend",
+            Err(StoreError::LockLost) => "lock lost",
+            Err(_) => "another error",
+        });
+        done
+    }
+
+    async fn release(
+        &self,
+        key: &tower_idempotency::key::RecordKey,
+        token: tower_idempotency::store::LockToken,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.store.release(key, token).await
+    }
+
+    async fn fence(
+        &self,
+        key: &tower_idempotency::key::RecordKey,
+        token: tower_idempotency::store::LockToken,
+        ttl: Duration,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.store.fence(key, token, ttl).await
+    }
+
+    async fn renew(
+        &self,
+        key: &tower_idempotency::key::RecordKey,
+        token: tower_idempotency::store::LockToken,
+        lease: Duration,
+    ) -> Result<(), tower_idempotency::store::StoreError> {
+        self.store.renew(key, token, lease).await
+    }
 }
 
 /// [`completion_whose_answer_is_lost`] on the Redis or Valkey at `url`.

@@ -2,8 +2,8 @@
 //! stopped, and a fenced key is recovered, never run afresh.
 
 use super::{
-    acquire, assert_one_took, begin, fingerprint, fresh_key, race, sample_response, LEASE, SHORT,
-    TTL,
+    acquire, assert_completing_again_keeps, assert_one_took, begin, fingerprint, fresh_key, race,
+    sample_response, LEASE, SHORT, TTL,
 };
 use crate::store::{BeginOutcome, Completion, Store, StoreError};
 
@@ -190,4 +190,24 @@ pub async fn fenced_holder_records_not_replayable(store: &impl Store) {
         begin(store, &key, 1).await,
         BeginOutcome::NotReplayable
     ));
+}
+
+/// A fenced holder that completes again leaves the record as it first
+/// stored it.
+pub async fn fenced_holder_completing_again_keeps_the_first_record(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    store.fence(&key, token, TTL).await.expect("fence");
+    let first = sample_response().encode();
+    store
+        .complete(
+            &key,
+            &fingerprint(1),
+            token,
+            Completion::Response(first.clone()),
+            TTL,
+        )
+        .await
+        .expect("the fenced holder completes");
+    assert_completing_again_keeps(store, &key, token, first).await;
 }

@@ -225,6 +225,43 @@ pub async fn completed_key_cannot_be_released(store: &impl Store) {
     ));
 }
 
+/// `token` completes `key` again, as the layer does after an attempt that
+/// failed but may have landed, with another record: the store answers `Ok`
+/// or `LockLost`, and the key keeps the `first` record.
+async fn assert_completing_again_keeps(
+    store: &impl Store,
+    key: &RecordKey,
+    token: LockToken,
+    first: Bytes,
+) {
+    let again = store
+        .complete(
+            key,
+            &fingerprint(1),
+            token,
+            Completion::Response(Bytes::from_static(b"another record")),
+            TTL,
+        )
+        .await;
+    assert!(
+        matches!(again, Ok(()) | Err(StoreError::LockLost)),
+        "completing again answered {again:?}"
+    );
+    match begin(store, key, 1).await {
+        BeginOutcome::Completed(stored) => assert_eq!(stored, first),
+        other => panic!("expected Completed, got {other:?}"),
+    }
+}
+
+/// A holder that completes again, as after an answer it never got, leaves
+/// the record as it first stored it.
+pub async fn completing_again_keeps_the_first_record(store: &impl Store) {
+    let key = fresh_key();
+    let token = acquire(store, &key, 1, LEASE).await;
+    complete_sample(store, &key, token, TTL).await;
+    assert_completing_again_keeps(store, &key, token, sample_response().encode()).await;
+}
+
 /// When a lease runs out, another request takes the key over, and the old
 /// holder can no longer complete, release or renew it.
 pub async fn expired_lease_is_taken_over_and_fences_the_old_holder(store: &impl Store) {
@@ -390,6 +427,7 @@ macro_rules! store_conformance_tests {
             released_key_is_free_again,
             foreign_token_is_refused,
             completed_key_cannot_be_released,
+            completing_again_keeps_the_first_record,
             expired_lease_is_taken_over_and_fences_the_old_holder,
             renewed_lease_outlives_its_first_expiry,
             completed_key_expires_after_its_ttl,
@@ -407,7 +445,8 @@ macro_rules! store_conformance_tests {
             recovering_holder_renews_its_lease,
             concurrent_recoveries_of_a_fenced_key_recover_exactly_once,
             fenced_holder_stores_responses_of_any_size,
-            fenced_holder_records_not_replayable
+            fenced_holder_records_not_replayable,
+            fenced_holder_completing_again_keeps_the_first_record
         );
     };
     (@each $make:expr; $($check:ident),+ $(,)?) => {

@@ -120,10 +120,11 @@ impl LockGuard {
         self.forget();
         match done {
             Ok(()) => {}
-            // An attempt that timed out may still have landed.
+            // An attempt that timed out may still have landed, on a store
+            // that does not tell its own record from another's.
             Err(StoreError::LockLost) if retried => tracing::warn!(
                 key = ?self.key,
-                "a completion retried after a store error found the key settled; an earlier attempt landed"
+                "a completion retried after a store error found the key no longer held: an earlier attempt landed, or the lease ran out meanwhile"
             ),
             Err(err) => tracing::error!(
                 error = %err,

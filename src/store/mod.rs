@@ -13,6 +13,7 @@
 //! InFlight { effect committed } --lease runs out, begin, same fingerprint-->
 //!     Recover { new token, effect still committed }
 //! Completed / NotReplayable --ttl runs out--> (absent)
+//! Completed / NotReplayable --complete(same token)--> unchanged
 //! ```
 //!
 //! A fenced record (its effect committed) is never forgotten before its
@@ -225,9 +226,10 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     ///
     /// The layer calls it again, with the same token and outcome, after a
     /// [`StoreError::Backend`] error, since an attempt that failed may have
-    /// landed. A store that finds its token's own record then may answer
-    /// `Ok` (the shipped stores do) or [`StoreError::LockLost`], which the
-    /// layer logs as a warning.
+    /// landed. A store that finds its token's own record then leaves it as
+    /// it is, and may answer `Ok` (the Redis and PostgreSQL stores do) or
+    /// [`StoreError::LockLost`], which the layer logs as a warning. (The
+    /// memory store never fails, and is never asked again.)
     async fn complete(
         &self,
         key: &RecordKey,

@@ -204,12 +204,15 @@ impl Statements {
                 "SELECT state, token, effect, fingerprint, response FROM {}($1, $2, $3, $4)",
                 begin_function_call(t)
             ),
-            // A row this token already took to the same state is written
-            // again: a retry after an answer that never came finds what
-            // its first attempt did, not a lost lock.
+            // A row this token already took to the same state is matched
+            // and left as it is: a retry after an answer that never came
+            // finds what its first attempt did, not a lost lock.
             complete: format!(
-                "UPDATE {t} SET state = $3, response = $4,
-                        lease_until = NULL, expires_at = now() + $5 * interval '1 millisecond'
+                "UPDATE {t} SET state = $3,
+                        response = CASE WHEN state = {IN_FLIGHT} THEN $4 ELSE response END,
+                        lease_until = NULL,
+                        expires_at = CASE WHEN state = {IN_FLIGHT}
+                            THEN now() + $5 * interval '1 millisecond' ELSE expires_at END
                  WHERE key = $1 AND token = $2 AND (state = {IN_FLIGHT} OR state = $3)"
             ),
             // An unfenced row is deleted; a fenced one is kept, its lease
