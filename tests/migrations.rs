@@ -71,16 +71,26 @@ async fn concurrent_migrations_of_one_store_all_succeed() {
 /// `payments_records` are one table: their migrations take one lock.
 #[tokio::test]
 async fn concurrent_migrations_of_one_table_named_in_two_cases_all_succeed() {
+    migrations_of_one_table_under_two_names("Payments_Records", "payments_records").await;
+}
+
+/// An unqualified name is the table in the first schema of the search path
+/// (`public` here), so `payments_records` and `public.payments_records` are
+/// one table: their migrations take one lock.
+#[tokio::test]
+async fn concurrent_migrations_of_one_table_with_and_without_its_schema_all_succeed() {
+    migrations_of_one_table_under_two_names("public.payments_records", "payments_records").await;
+}
+
+/// Eight migrations at once on a fresh database, half of them naming the
+/// table `one` way and half the `other`, five rounds: every one succeeds.
+async fn migrations_of_one_table_under_two_names(one: &'static str, other: &'static str) {
     for round in 0..5 {
-        let database = postgres::fresh_database("migrate_cases").await;
+        let database = postgres::fresh_database("migrate_names").await;
         let pool = sqlx::PgPool::connect(&database).await.unwrap();
         let migrations: Vec<_> = (0..8)
             .map(|i| {
-                let name = if i % 2 == 0 {
-                    "Payments_Records"
-                } else {
-                    "payments_records"
-                };
+                let name = if i % 2 == 0 { one } else { other };
                 let store = tower_idempotency::store::PostgresStore::new(pool.clone())
                     .with_table(name)
                     .unwrap();

@@ -143,12 +143,17 @@ impl PostgresStore {
         // transaction, which holds the lock to its end and, if a statement
         // fails, rolls back without leaving the pooled connection inside
         // an aborted transaction.
-        // The lock is on the name as PostgreSQL folds it, so that two
-        // spellings of one table take one lock.
+        // The lock is on the name as PostgreSQL folds it, qualified with
+        // the schema an unqualified name is created in, so that every
+        // spelling of one table takes one lock.
+        let table = self.table.to_ascii_lowercase();
+        let qualified = match table.split_once('.') {
+            Some(_) => format!("'{table}'"),
+            None => format!("current_schema() || '.{table}'"),
+        };
         let locked = format!(
-            "SELECT pg_advisory_xact_lock(hashtext('tower-idempotency:{table}'));
+            "SELECT pg_advisory_xact_lock(hashtext('tower-idempotency:' || {qualified}));
              {migration}",
-            table = self.table.to_ascii_lowercase(),
             migration = self.migration_sql(),
         );
         let mut backoff = Duration::from_millis(50);
