@@ -3,7 +3,8 @@
 //! and none crashes; a table an earlier build made is brought up to date;
 //! a tenant's schema gets its own; names PostgreSQL would cut are refused;
 //! responses are compressed with lz4, changed only when the table is free;
-//! a migration waiting for a busy table never holds up other queries.
+//! a migration waiting for a busy table never holds up other queries, and
+//! lands on a table never free of transactions.
 #![cfg(feature = "postgres")]
 
 #[path = "common/postgres.rs"]
@@ -121,7 +122,7 @@ async fn earlier_table(pool: &sqlx::PgPool) {
 
 /// Adding a column to a table of an earlier build needs a lock that no
 /// other transaction holds. While one holds the table, the migration waits
-/// for it a moment at a time: a query arriving meanwhile is never queued
+/// for it a while at a time: a query arriving meanwhile is never queued
 /// behind it until that transaction ends, and the migration lands once it
 /// has.
 #[tokio::test]
@@ -176,6 +177,65 @@ async fn a_migration_waiting_for_a_busy_table_holds_up_no_other_query() {
         .await
         .unwrap()
         .expect("the migration lands once the table is free");
+    let effect: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_attribute
+         WHERE attrelid = 'idempotency_records'::regclass AND attname = 'effect'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(effect, 1);
+}
+
+/// A table of an earlier build that is never free of other transactions,
+/// each shorter than half a second but overlapping the next: the
+/// migration's waits for the table grow until one outlasts the
+/// transactions already open, and it lands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_on_a_table_never_free_of_transactions_lands() {
+    use std::{
+        sync::atomic::{AtomicBool, Ordering},
+        time::Duration,
+    };
+
+    let database = postgres::fresh_database("migrate_never_free").await;
+    let pool = sqlx::PgPool::connect(&database).await.unwrap();
+    earlier_table(&pool).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let holders = {
+        let (pool, stop) = (pool.clone(), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut open = tokio::task::JoinSet::new();
+            // A new one every 100 ms, each open for 300 ms: some are always
+            // open, and none is ever within 100 ms of its end alone.
+            while !stop.load(Ordering::SeqCst) {
+                let pool = pool.clone();
+                open.spawn(async move {
+                    let mut held = pool.begin().await.unwrap();
+                    sqlx::query("SELECT count(*) FROM idempotency_records")
+                        .execute(&mut *held)
+                        .await
+                        .unwrap();
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    held.commit().await.unwrap();
+                });
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            while let Some(held) = open.join_next().await {
+                held.unwrap();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let store = tower_idempotency::store::PostgresStore::new(
+        sqlx::PgPool::connect(&database).await.unwrap(),
+    );
+    let migrated = tokio::time::timeout(Duration::from_secs(60), store.migrate()).await;
+    stop.store(true, Ordering::SeqCst);
+    holders.await.unwrap();
+    migrated
+        .expect("the migration lands while the table is in use")
+        .unwrap();
     let effect: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM pg_attribute
          WHERE attrelid = 'idempotency_records'::regclass AND attname = 'effect'",

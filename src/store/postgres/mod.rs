@@ -119,9 +119,12 @@ impl PostgresStore {
     /// several processes may run it at once. A table migrated by an
     /// earlier build needs it run again: its `begin` function is new.
     ///
-    /// Where it has to lock an existing table, it waits 100 ms at most for
-    /// the lock, and otherwise fails with SQLSTATE `55P03`
-    /// (`lock_not_available`) and changes nothing: run it again.
+    /// Where it alters an existing table, it waits for the table's lock as
+    /// long as the transaction's `lock_timeout` allows: set one (`SET
+    /// LOCAL lock_timeout`) so that a lock request queued behind a long
+    /// transaction cannot hold up every request to the table, and run it
+    /// again, in a new transaction, if it fails with `55P03`
+    /// (`lock_not_available`).
     pub fn migration_sql(&self) -> String {
         sql::migration(&self.table)
     }
@@ -134,10 +137,14 @@ impl PostgresStore {
     /// catalog.)
     ///
     /// A table made by an earlier build is altered, which needs a lock on
-    /// it that no other transaction may hold meanwhile. The migration waits
-    /// for that lock 100 ms at most, so that no request to the table is
-    /// queued behind it for longer, and tries again until it gets the lock,
-    /// with a warning each time: wrap the call in a timeout to bound it.
+    /// it that no other transaction holds meanwhile, and every request to
+    /// the table queues behind a request for that lock. So the migration
+    /// waits for it 100 ms at first, gives up and tries again, each time
+    /// waiting twice as long, up to 10 s: requests are held up no longer
+    /// than that, and a table that never has a moment free of other
+    /// transactions still gets migrated once the wait outlasts the longest
+    /// of them. Each failed attempt logs a warning; wrap the call in a
+    /// timeout to bound it.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         // One simple query: PostgreSQL runs its statements as one implicit
         // transaction, which holds the lock to its end and, if a statement
@@ -151,13 +158,19 @@ impl PostgresStore {
             Some(_) => format!("'{table}'"),
             None => format!("current_schema() || '.{table}'"),
         };
-        let locked = format!(
-            "SELECT pg_advisory_xact_lock(hashtext('tower-idempotency:' || {qualified}));
-             {migration}",
-            migration = self.migration_sql(),
-        );
-        let mut backoff = Duration::from_millis(50);
+        let migration = self.migration_sql();
+        let (mut wait, longest) = (Duration::from_millis(100), Duration::from_secs(10));
+        let mut attempt = 0;
         loop {
+            attempt += 1;
+            // The timeout is set once the advisory lock is held: waiting
+            // for another replica's migration holds up no request.
+            let locked = format!(
+                "SELECT pg_advisory_xact_lock(hashtext('tower-idempotency:' || {qualified}));
+                 SET LOCAL lock_timeout = {millis};
+                 {migration}",
+                millis = wait.as_millis(),
+            );
             let Err(err) = sqlx::raw_sql(&locked).execute(&self.pool).await else {
                 return Ok(());
             };
@@ -166,10 +179,13 @@ impl PostgresStore {
             }
             tracing::warn!(
                 table = %self.table,
-                "another transaction holds the idempotency table; migrating again in {backoff:?}"
+                attempt,
+                error = %err,
+                "the idempotency table's migration got no lock on it in {wait:?}: another \
+                 transaction holds the table (pg_blocking_pids names it); migrating again"
             );
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            wait = (wait * 2).min(longest);
         }
     }
 
@@ -363,16 +379,39 @@ impl Store for PostgresStore {
         ttl: Duration,
     ) -> Result<(), StoreError> {
         let token = token_bytes(token);
-        let query = sqlx::query(&self.sql.complete)
-            .bind(&key.as_bytes()[..])
-            .bind(&token[..]);
+        let (state, record) = match &outcome {
+            Completion::Response(record) => (COMPLETED, Some(&record[..])),
+            Completion::NotReplayable => (NOT_REPLAYABLE, None),
+        };
         // The record is kept as the layer encoded it, and handed back as
         // it is: neither direction decodes it.
-        let query = match &outcome {
-            Completion::Response(record) => query.bind(COMPLETED).bind(Some(&record[..])),
-            Completion::NotReplayable => query.bind(NOT_REPLAYABLE).bind(None::<&[u8]>),
-        };
-        self.held(query.bind(millis(ttl))).await
+        let done = sqlx::query(&self.sql.complete)
+            .bind(&key.as_bytes()[..])
+            .bind(&token[..])
+            .bind(state)
+            .bind(record)
+            .bind(millis(ttl))
+            .execute(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if done.rows_affected() == 1 {
+            return Ok(());
+        }
+        // Only when the lock is not found: a retry after an answer that
+        // never came finds the row its own first attempt completed, and
+        // leaves it as it is.
+        let landed: bool = sqlx::query_scalar(&self.sql.completed_by)
+            .bind(&key.as_bytes()[..])
+            .bind(&token[..])
+            .bind(state)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(StoreError::backend)?;
+        if landed {
+            Ok(())
+        } else {
+            Err(StoreError::LockLost)
+        }
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {

@@ -31,18 +31,9 @@ BEGIN
     -- starting would otherwise do. The index and the function are looked
     -- for in the table's own schema, where they are made: another schema
     -- on the search path may have its own.
-    --
-    -- A lock on an existing table is waited for a tenth of a second at
-    -- most: a lock request queued behind a long transaction (a handler's,
-    -- holding a row) holds up every later request to the table. The
-    -- migration then fails with lock_not_available, changing nothing, and
-    -- `migrate` runs it again. (An index built on a large table still
-    -- blocks its writes while it builds.)
     IF NOT EXISTS (SELECT 1 FROM pg_attribute
                    WHERE attrelid = to_regclass('{t}') AND attname = 'effect') THEN
-        PERFORM set_config('lock_timeout', '100ms', true);
         ALTER TABLE {t} ADD COLUMN effect BOOLEAN NOT NULL DEFAULT FALSE;
-        PERFORM set_config('lock_timeout', waited, true);
     END IF;
     -- Responses long enough to be compressed are compressed with lz4,
     -- several times cheaper than PostgreSQL's own pglz, where the server
@@ -67,9 +58,7 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_class
                    WHERE relname = '{index}' AND relnamespace = home) THEN
-        PERFORM set_config('lock_timeout', '100ms', true);
         CREATE INDEX {index} ON {t} (expires_at);
-        PERFORM set_config('lock_timeout', waited, true);
     END IF;
     -- A function's body never changes under one name: a new body gets a
     -- new name, so that replicas of an older build keep theirs.
@@ -191,6 +180,8 @@ fn begin_function(t: &str, names: &Names) -> String {
 pub(super) struct Statements {
     pub(super) begin: String,
     pub(super) complete: String,
+    /// Whether the token completed the key with the outcome.
+    pub(super) completed_by: String,
     pub(super) release: String,
     pub(super) renew: String,
     pub(super) fence: String,
@@ -204,16 +195,15 @@ impl Statements {
                 "SELECT state, token, effect, fingerprint, response FROM {}($1, $2, $3, $4)",
                 begin_function_call(t)
             ),
-            // A row this token already took to the same state is matched
-            // and left as it is: a retry after an answer that never came
-            // finds what its first attempt did, not a lost lock.
             complete: format!(
-                "UPDATE {t} SET state = $3,
-                        response = CASE WHEN state = {IN_FLIGHT} THEN $4 ELSE response END,
-                        lease_until = NULL,
-                        expires_at = CASE WHEN state = {IN_FLIGHT}
-                            THEN now() + $5 * interval '1 millisecond' ELSE expires_at END
-                 WHERE key = $1 AND token = $2 AND (state = {IN_FLIGHT} OR state = $3)"
+                "UPDATE {t} SET state = $3, response = $4,
+                        lease_until = NULL, expires_at = now() + $5 * interval '1 millisecond'
+                 WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}"
+            ),
+            // A statement of its own rather than a wider `complete`, whose
+            // condition every first use would pay for.
+            completed_by: format!(
+                "SELECT EXISTS (SELECT 1 FROM {t} WHERE key = $1 AND token = $2 AND state = $3)"
             ),
             // An unfenced row is deleted; a fenced one is kept, its lease
             // ended, for the next request to recover.
