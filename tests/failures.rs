@@ -836,6 +836,33 @@ async fn a_panic_elsewhere_while_the_body_streams_does_not_release_the_key() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
 }
 
+/// On a store that cannot tell its own record from another's (the memory
+/// store answers `LockLost` to any second completion), a retried
+/// completion that finds the key settled is logged as such; the key
+/// replays what the first attempt stored.
+#[tokio::test]
+async fn a_retried_completion_that_finds_the_key_settled_warns() {
+    let counter = Counter::default();
+    let svc = app(
+        &IdempotencyLayer::new(Faulty {
+            landing_completions: AtomicUsize::new(1),
+            ..Faulty::default()
+        }),
+        counter.handler(Duration::ZERO),
+    );
+    let (logs, _guard) = common::capture_logs();
+    let first = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    assert_eq!(first.status(), StatusCode::CREATED);
+    assert!(
+        logs.text().contains("found the key no longer held"),
+        "{}",
+        logs.text()
+    );
+    let retry = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    assert_eq!(counter.runs(), 1);
+}
+
 #[tokio::test]
 async fn a_completion_the_store_failed_is_tried_again() {
     let counter = Counter::default();

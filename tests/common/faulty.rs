@@ -24,6 +24,9 @@ pub struct Faulty {
     /// How many `complete` calls fail, as a timed-out backend would,
     /// before the next ones go through.
     pub failing_completions: AtomicUsize,
+    /// How many `complete` calls reach the store and then fail, as one
+    /// whose answer was lost would, after those that fail outright.
+    pub landing_completions: AtomicUsize,
     /// Whether `renew` of the first key asked for never returns.
     pub hang_first_renewal: bool,
     /// The key whose renewal hangs, once one was asked for.
@@ -61,9 +64,19 @@ impl Store for Faulty {
         let completed = if failing {
             Err(StoreError::backend("response timed out"))
         } else {
-            self.store
+            let completed = self
+                .store
                 .complete(key, fingerprint, token, completion, ttl)
-                .await
+                .await;
+            let landing = self
+                .landing_completions
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if landing {
+                Err(StoreError::backend("connection closed before the answer"))
+            } else {
+                completed
+            }
         };
         self.completed.notify_one();
         completed
