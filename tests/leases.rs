@@ -116,6 +116,34 @@ fn leases_are_renewed_again_after_the_first_runtime_has_gone() {
     assert_eq!(counter.runs(), 2);
 }
 
+/// A lock taken just after a round of renewals is renewed at the next
+/// round, well before its lease ends: when that renewal fails, the one
+/// after still lands in time, and a retry past the end of the first lease
+/// finds the key in flight. Time is paused, so the rounds fall where the
+/// test puts them: one a second for a lease of three.
+#[tokio::test(start_paused = true)]
+async fn a_lock_whose_first_renewal_fails_keeps_its_lease() {
+    let counter = Counter::default();
+    let layer = IdempotencyLayer::new(Faulty {
+        renew_delay: Duration::from_millis(300),
+        fail_first_renewals: true,
+        ..Faulty::default()
+    })
+    .with_lease(Duration::from_secs(3));
+    let svc = app(&layer, counter.handler(Duration::from_secs(10)));
+    let first = spawn_send(&svc, post("/payments", Some("starts-the-rounds"), "{}"));
+    tokio::time::sleep(Duration::from_millis(1_010)).await;
+    let second = spawn_send(&svc, post("/payments", Some("just-after-a-round"), "{}"));
+    // Past the end of the second key's first lease, and before a renewal
+    // one round later than due would land.
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    let retry = send(&svc, post("/payments", Some("just-after-a-round"), "{}")).await;
+    assert_eq!(retry.status(), StatusCode::CONFLICT);
+    first.await.unwrap();
+    second.await.unwrap();
+    assert_eq!(counter.runs(), 2);
+}
+
 #[test]
 fn a_request_polled_outside_a_tokio_runtime_does_not_panic() {
     let layer = IdempotencyLayer::default();

@@ -73,12 +73,19 @@ impl LeaseKeeper {
         self.held.remove(&id);
     }
 
-    /// Renews every lock older than `period`, all at once, each bounded so
-    /// that none can hold up the next round; stops renewing those held
-    /// past the longest holding time.
+    /// Renews every lock held for a quarter of a `period` or more, all at
+    /// once, each bounded so that none can hold up the next round; stops
+    /// renewing those held past the longest holding time.
+    ///
+    /// Not only those held a whole period: a lock taken just after a round
+    /// would then wait almost two periods for its first renewal, and if
+    /// that one failed, the next would come as its lease of three periods
+    /// ends. This way its first renewal comes within a period and a
+    /// quarter, and one that fails leaves at least three quarters of a
+    /// period before the lease ends.
     async fn renew_due(self: &Arc<Self>, period: Duration) {
         let now = Instant::now();
-        let Some(due) = now.checked_sub(period) else {
+        let Some(due) = now.checked_sub(period / 4) else {
             return;
         };
         let mut renewals = JoinSet::new();

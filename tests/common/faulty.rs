@@ -29,6 +29,13 @@ pub struct Faulty {
     pub landing_completions: AtomicUsize,
     /// Whether `renew` of the first key asked for never returns.
     pub hang_first_renewal: bool,
+    /// How long each `renew` takes before it reaches the store.
+    pub renew_delay: Duration,
+    /// Whether the first `renew` of each key fails, as a timed-out backend
+    /// would.
+    pub fail_first_renewals: bool,
+    /// The keys renewed so far.
+    pub renewed: Mutex<std::collections::HashSet<RecordKey>>,
     /// The key whose renewal hangs, once one was asked for.
     pub hung: Mutex<Option<RecordKey>>,
     /// Told when a `complete` starts, and when it has finished.
@@ -107,6 +114,11 @@ impl Store for Faulty {
         };
         if hangs {
             std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(self.renew_delay).await;
+        let first = self.renewed.lock().unwrap().insert(*key);
+        if first && self.fail_first_renewals {
+            return Err(StoreError::backend("response timed out"));
         }
         self.store.renew(key, token, lease).await
     }
