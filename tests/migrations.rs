@@ -323,7 +323,7 @@ async fn migrating_keeps_the_function_of_an_earlier_build() {
         functions,
         [
             "idempotency_records_begin_v1",
-            "idempotency_records_begin_v2"
+            "idempotency_records_begin_v3"
         ]
     );
 }
@@ -368,7 +368,7 @@ async fn a_tenants_schema_gets_its_own_index_and_function() {
     .unwrap();
     for name in [
         "idempotency_records",
-        "idempotency_records_begin_v2",
+        "idempotency_records_begin_v3",
         "idempotency_records_expires_at",
     ] {
         assert!(made.iter().any(|m| m == name), "{name} not in {made:?}");

@@ -259,3 +259,82 @@ async fn a_takeover_waiting_on_the_holders_fencing_transaction_runs_afresh_once_
     assert_eq!(replay.status, StatusCode::CREATED);
     assert_eq!(takeover.charges, 1);
 }
+
+/// How long the leases of the two tests below are, and how long the row
+/// stays locked past the end of the first one.
+const ROW_LEASE: Duration = Duration::from_millis(1_000);
+
+/// A key taken with a lease of [`ROW_LEASE`], its row locked by another
+/// transaction until that lease has run out, and `step` (a store call on
+/// the key) sent meanwhile, to wait on the row for longer than a lease
+/// before the lock goes. Returns what a `begin` of the same key finds the
+/// moment `step` is done.
+async fn begin_after_a_step_that_waited_on_the_row<F, Step>(table: &str, step: F) -> String
+where
+    F: FnOnce(
+        PostgresStore,
+        tower_idempotency::key::RecordKey,
+        tower_idempotency::store::LockToken,
+    ) -> Step,
+    Step: std::future::Future<Output = ()> + Send + 'static,
+{
+    use tower_idempotency::{
+        key::{Fingerprint, RecordKey},
+        store::BeginOutcome,
+        Store,
+    };
+    let (store, pool) = store_and_charges(table).await;
+    let (key, fingerprint) = (
+        RecordKey::new(b"", &unique_key(table)),
+        Fingerprint::from_bytes([9; 32]),
+    );
+    let Ok(BeginOutcome::Acquired(token)) = store.begin(&key, &fingerprint, ROW_LEASE).await else {
+        panic!("a fresh key is acquired");
+    };
+    let mut holder = pool.begin().await.unwrap();
+    sqlx::query(&format!("SELECT 1 FROM {table} WHERE key = $1 FOR UPDATE"))
+        .bind(&key.as_bytes()[..])
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    tokio::time::sleep(ROW_LEASE + Duration::from_millis(200)).await;
+    let step = tokio::spawn(step(store.clone(), key, token));
+    until_a_statement_waits_on(&pool, table).await;
+    tokio::time::sleep(ROW_LEASE + Duration::from_millis(200)).await;
+    holder.rollback().await.unwrap();
+    step.await.unwrap();
+    format!("{:?}", store.begin(&key, &fingerprint, ROW_LEASE).await)
+}
+
+/// A takeover of a lapsed lease that waited on the row's lock for longer
+/// than a lease gets a whole lease from when it took the row, not from
+/// when its statement began: the next request finds the key in flight
+/// rather than free to take again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_that_waited_on_the_row_past_a_lease_gets_a_whole_lease() {
+    use tower_idempotency::{key::Fingerprint, store::BeginOutcome, Store};
+    let next =
+        begin_after_a_step_that_waited_on_the_row("takeover_lease", |store, key, _| async move {
+            let taken = store
+                .begin(&key, &Fingerprint::from_bytes([9; 32]), ROW_LEASE)
+                .await;
+            assert!(matches!(taken, Ok(BeginOutcome::Acquired(_))), "{taken:?}");
+        })
+        .await;
+    assert_eq!(next, "Ok(InFlight)");
+}
+
+/// The same for a renewal that waited on the row's lock: the lease runs
+/// from when the row is renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_that_waited_on_the_row_past_a_lease_gets_a_whole_lease() {
+    use tower_idempotency::Store;
+    let next = begin_after_a_step_that_waited_on_the_row(
+        "renewal_lease",
+        |store, key, token| async move {
+            store.renew(&key, token, ROW_LEASE).await.unwrap();
+        },
+    )
+    .await;
+    assert_eq!(next, "Ok(InFlight)");
+}

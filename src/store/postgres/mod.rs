@@ -23,7 +23,7 @@ use sql::{COMPLETED, IN_FLIGHT, NOT_REPLAYABLE};
 /// [`migrate`](Self::migrate) at start-up, or put
 /// [`migration_sql`](Self::migration_sql) into your own migrations. Each
 /// operation is one round trip. `begin` calls a PL/pgSQL function that the
-/// migration creates in the table's schema (`<table>_begin_v2`): it reads
+/// migration creates in the table's schema (`<table>_begin_v3`): it reads
 /// the key, so that a replay takes no row lock; a missing key it takes with
 /// an `INSERT … ON CONFLICT DO NOTHING`, and an expired or recoverable row
 /// with an `UPDATE … WHERE expired`, which checks again under the row's

@@ -92,7 +92,7 @@ impl Names {
         let table = t.rsplit('.').next().unwrap_or(&t).to_owned();
         Self {
             index: format!("{}_expires_at", t.replace('.', "_")),
-            function: format!("{table}_begin_v2"),
+            function: format!("{table}_begin_v3"),
             table,
         }
     }
@@ -156,15 +156,22 @@ fn begin_function(t: &str, names: &Names) -> String {
                 END IF;
                 RETURN found_row;
             END IF;
+            -- The new lease runs from when the row is taken, not from when
+            -- the call began (`now()`): a takeover that waited on the
+            -- row's lock longer than a lease would otherwise take a lease
+            -- that had already run out. The row is locked first, since an
+            -- `UPDATE` that waits computes its new row before it waits,
+            -- and keeps it if the holder rolled back.
+            PERFORM 1 FROM {t} AS r WHERE r.key = k FOR UPDATE;
             UPDATE {t} AS r SET
                 fingerprint = fp, state = {IN_FLIGHT}, token = tok,
-                lease_until = now() + lease_ms * interval '1 millisecond',
+                lease_until = clock_timestamp() + lease_ms * interval '1 millisecond',
                 response = NULL,
                 effect = r.effect AND r.expires_at > now(),
                 expires_at = CASE WHEN r.effect AND r.expires_at > now()
                                   THEN greatest(r.expires_at,
-                                                now() + lease_ms * interval '1 millisecond')
-                                  ELSE now() + lease_ms * interval '1 millisecond' END
+                                                clock_timestamp() + lease_ms * interval '1 millisecond')
+                                  ELSE clock_timestamp() + lease_ms * interval '1 millisecond' END
             WHERE r.key = k
               AND (r.expires_at <= now()
                    OR (r.state = {IN_FLIGHT} AND r.effect AND r.lease_until <= now()
@@ -219,12 +226,19 @@ impl Statements {
                 )
                 SELECT (SELECT count(*) FROM deleted) + (SELECT count(*) FROM ended)"
             ),
+            // From when the row is renewed, as a takeover's lease is: a
+            // renewal may wait on the row's lock (a `fence_in` transaction
+            // holds it), and so locks it before it computes the lease.
             renew: format!(
-                "UPDATE {t} SET lease_until = now() + $3 * interval '1 millisecond',
-                        expires_at = CASE WHEN effect
-                            THEN greatest(expires_at, now() + $3 * interval '1 millisecond')
-                            ELSE now() + $3 * interval '1 millisecond' END
-                 WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}"
+                "WITH held AS (
+                    SELECT key FROM {t} WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}
+                    FOR UPDATE
+                 )
+                 UPDATE {t} AS r SET lease_until = clock_timestamp() + $3 * interval '1 millisecond',
+                        expires_at = CASE WHEN r.effect
+                            THEN greatest(r.expires_at, clock_timestamp() + $3 * interval '1 millisecond')
+                            ELSE clock_timestamp() + $3 * interval '1 millisecond' END
+                 FROM held WHERE r.key = held.key"
             ),
             // One statement: the mark if the token holds an unfenced row
             // whose lease is live, and what was there before, to say why
