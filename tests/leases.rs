@@ -154,3 +154,109 @@ fn a_request_polled_outside_a_tokio_runtime_does_not_panic() {
     let mut cx = Context::from_waker(std::task::Waker::noop());
     assert!(call.as_mut().poll(&mut cx).is_pending());
 }
+
+/// Drives `future` to its end on this thread, outside any Tokio runtime.
+fn outside_a_runtime<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl std::task::Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Arc::new(Unpark(std::thread::current())).into();
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
+
+/// A handler that answers 201 at once, needing no runtime.
+fn created<B>() -> impl tower::Service<
+    http::Request<B>,
+    Response = http::Response<String>,
+    Error = std::convert::Infallible,
+    Future = impl Future + Send,
+> + Clone {
+    tower::service_fn(|_: http::Request<B>| async {
+        Ok::<_, std::convert::Infallible>(
+            http::Response::builder()
+                .status(StatusCode::CREATED)
+                .body(String::new())
+                .unwrap(),
+        )
+    })
+}
+
+/// Outside a Tokio runtime a completion the store failed is asked again at
+/// once, with no timer to wait on, and lands.
+#[test]
+fn a_completion_retried_outside_a_tokio_runtime_lands() {
+    let svc = IdempotencyLayer::new(Faulty {
+        failing_completions: std::sync::atomic::AtomicUsize::new(1),
+        ..Faulty::default()
+    })
+    .layer(created());
+    let request = || post("/payments", Some("retried-outside"), "{}");
+    let first = outside_a_runtime(svc.clone().oneshot(request())).unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let again = outside_a_runtime(svc.oneshot(request())).unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+}
+
+/// Outside a Tokio runtime a duplicate that would wait for the key is
+/// answered 409 at once: there is no timer to wait on.
+#[test]
+fn a_waiting_duplicate_outside_a_tokio_runtime_is_answered_at_once() {
+    let layer = IdempotencyLayer::default().with_in_flight(
+        tower_idempotency::InFlightPolicy::Wait(Duration::from_secs(5)),
+    );
+    let pending = layer.layer(tower::service_fn(|_: http::Request<_>| {
+        std::future::pending::<Result<http::Response<String>, std::convert::Infallible>>()
+    }));
+    let request = || post("/payments", Some("waiting-outside"), "{}");
+    let mut holder = Box::pin(pending.clone().oneshot(request()));
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    assert!(holder.as_mut().poll(&mut cx).is_pending());
+    let duplicate = outside_a_runtime(pending.oneshot(request())).unwrap();
+    assert_eq!(duplicate.status(), StatusCode::CONFLICT);
+}
+
+/// A request body still arriving is read outside a Tokio runtime too,
+/// without the body timeout's timer.
+#[test]
+fn a_body_in_transit_outside_a_tokio_runtime_is_read() {
+    use http_body::{Body, Frame};
+    /// One frame, sent once the test says so.
+    struct Later(tokio::sync::oneshot::Receiver<bytes::Bytes>, bool);
+    impl Body for Later {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> std::task::Poll<Option<Result<Frame<bytes::Bytes>, Self::Error>>> {
+            if self.1 {
+                return std::task::Poll::Ready(None);
+            }
+            let data = std::task::ready!(std::pin::Pin::new(&mut self.0).poll(cx)).unwrap();
+            self.1 = true;
+            std::task::Poll::Ready(Some(Ok(Frame::data(data))))
+        }
+    }
+    let (send, arrives) = tokio::sync::oneshot::channel();
+    let request = http::Request::post("/payments")
+        .header("idempotency-key", "in-transit-outside")
+        .body(Later(arrives, false))
+        .unwrap();
+    let svc = IdempotencyLayer::default().layer(created());
+    let mut call = Box::pin(svc.oneshot(request));
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    assert!(call.as_mut().poll(&mut cx).is_pending());
+    send.send(bytes::Bytes::from_static(b"{}")).unwrap();
+    let response = outside_a_runtime(call).unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+}

@@ -59,9 +59,11 @@ where
         let collected = {
             let mut buffer = std::pin::pin!(Buffer::new(Limited::new(body, config.body_limit)));
             // Most bodies have fully arrived by now: only a body still in
-            // transit pays for a timer.
+            // transit pays for a timer. Outside a Tokio runtime there is
+            // none, and the body is waited for as long as it takes.
             match std::future::poll_fn(|cx| Poll::Ready(buffer.as_mut().poll(cx))).await {
                 Poll::Ready(collected) => Ok(collected),
+                Poll::Pending if tokio::runtime::Handle::try_current().is_err() => Ok(buffer.await),
                 Poll::Pending => Box::pin(tokio::time::timeout(config.body_timeout, buffer)).await,
             }
         };
@@ -113,7 +115,11 @@ where
                     }
                 },
                 Ok(BeginOutcome::InFlight) => match deadline {
-                    Some(deadline) if Instant::now() + backoff < deadline => {
+                    // Outside a Tokio runtime there is no timer to wait on.
+                    Some(deadline)
+                        if Instant::now() + backoff < deadline
+                            && tokio::runtime::Handle::try_current().is_ok() =>
+                    {
                         Box::pin(tokio::time::sleep(backoff)).await;
                         backoff = (backoff * 2).min(Duration::from_millis(250));
                         continue;
