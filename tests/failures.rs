@@ -863,6 +863,32 @@ async fn a_retried_completion_that_finds_the_key_settled_warns() {
     assert_eq!(counter.runs(), 1);
 }
 
+/// A release the store failed is asked again: the key is free for the
+/// client's retry at once, rather than answering 409 until its lease runs
+/// out.
+#[tokio::test]
+async fn a_release_the_store_failed_is_tried_again() {
+    let counter = Counter::default();
+    let svc = app(
+        &IdempotencyLayer::new(Faulty {
+            failing_releases: AtomicUsize::new(2),
+            ..Faulty::default()
+        }),
+        counter.respond_with(Duration::ZERO, |_, _| {
+            http::Response::builder().status(StatusCode::SERVICE_UNAVAILABLE)
+        }),
+    );
+    let first = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    assert_eq!(first.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let retry = send(&svc, post("/payments", Some(KEY), "{}")).await;
+    assert_eq!(retry.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        counter.runs(),
+        2,
+        "the retry ran instead of finding the key held"
+    );
+}
+
 #[tokio::test]
 async fn a_completion_the_store_failed_is_tried_again() {
     let counter = Counter::default();

@@ -99,7 +99,7 @@ impl LockGuard {
         // again, the lease kept renewed meanwhile: a completion that never
         // lands leaves the key to be run again once its lease runs out.
         let mut retried = false;
-        for backoff in COMPLETE_RETRIES {
+        for backoff in STORE_RETRIES {
             match done {
                 Err(StoreError::Backend(_)) => retried = true,
                 _ => break,
@@ -139,8 +139,9 @@ impl LockGuard {
     }
 }
 
-/// The waits before each new attempt at a completion the store failed.
-const COMPLETE_RETRIES: [Duration; 3] = [
+/// The waits before each new attempt at a completion or a release the
+/// store failed.
+const STORE_RETRIES: [Duration; 3] = [
     Duration::from_millis(50),
     Duration::from_millis(200),
     Duration::from_millis(500),
@@ -162,8 +163,36 @@ impl Drop for LockGuard {
     }
 }
 
+/// Asks the store again after a failure, as a completion does: a release
+/// that never lands leaves the key answering 409 to the client's retry
+/// until its lease runs out.
 async fn release(shared: &Shared, key: RecordKey, token: LockToken) {
-    if let Err(err) = shared.config.store.release(&key, token).await {
-        tracing::warn!(error = %err, ?key, "could not release an idempotency key; its lease bounds it");
+    let store = &shared.config.store;
+    let mut done = store.release(&key, token).await;
+    let mut retried = false;
+    for backoff in STORE_RETRIES {
+        if !matches!(done, Err(StoreError::Backend(_))) {
+            break;
+        }
+        retried = true;
+        if tokio::runtime::Handle::try_current().is_ok() {
+            tokio::time::sleep(backoff).await;
+        }
+        done = store.release(&key, token).await;
+    }
+    match done {
+        Ok(()) => {}
+        // An attempt that failed may still have landed.
+        Err(StoreError::LockLost) if retried => {
+            tracing::debug!(
+                ?key,
+                "a release retried after a store error found the key gone"
+            );
+        }
+        Err(err) => tracing::warn!(
+            error = %err,
+            ?key,
+            "could not release an idempotency key; its lease bounds it"
+        ),
     }
 }

@@ -27,6 +27,9 @@ pub struct Faulty {
     /// How many `complete` calls reach the store and then fail, as one
     /// whose answer was lost would, after those that fail outright.
     pub landing_completions: AtomicUsize,
+    /// How many `release` calls fail, as a timed-out backend would,
+    /// before the next ones go through.
+    pub failing_releases: AtomicUsize,
     /// Whether `renew` of the first key asked for never returns.
     pub hang_first_renewal: bool,
     /// How long each `renew` takes before it reaches the store.
@@ -93,6 +96,13 @@ impl Store for Faulty {
     }
 
     async fn release(&self, key: &RecordKey, token: LockToken) -> Result<(), StoreError> {
+        let failing = self
+            .failing_releases
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if failing {
+            return Err(StoreError::backend("response timed out"));
+        }
         self.store.release(key, token).await
     }
 
