@@ -262,7 +262,7 @@ async fn a_takeover_waiting_on_the_holders_fencing_transaction_runs_afresh_once_
 
 /// How long the leases of the two tests below are, and how long the row
 /// stays locked past the end of the first one.
-const ROW_LEASE: Duration = Duration::from_millis(1_000);
+const ROW_LEASE: Duration = Duration::from_millis(2_000);
 
 /// A key taken with a lease of [`ROW_LEASE`], its row locked by another
 /// transaction until that lease has run out, and `step` (a store call on

@@ -252,7 +252,7 @@ async fn complete_during_migration(server: String) {
 
 /// How long each request of a failover test runs: long enough for the
 /// failover and every retry to happen while the first requests still run.
-const HANDLER_TIME: Duration = Duration::from_secs(8);
+const HANDLER_TIME: Duration = Duration::from_secs(15);
 
 /// What a failover does to locks held on the master that fails, on a
 /// cluster of `server`s: 12 long requests take their locks, the master of
@@ -271,7 +271,7 @@ async fn failover_while_locks_are_held(
         .unwrap();
     let mut store = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
     if replica_acks {
-        store = store.with_replica_acks(1, Duration::from_millis(300));
+        store = store.with_replica_acks(1, Duration::from_secs(1));
     }
     let runs = RunsPerKey::default();
     let layer = IdempotencyLayer::new(store).with_lease(Duration::from_secs(30));

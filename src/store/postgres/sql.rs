@@ -138,6 +138,7 @@ fn begin_function(t: &str, names: &Names) -> String {
         RETURNS {table} LANGUAGE plpgsql AS $begin$
         DECLARE
             found_row {t};
+            lease_end TIMESTAMPTZ;
         BEGIN
             SELECT * INTO found_row FROM {t} AS r WHERE r.key = k;
             IF NOT FOUND THEN
@@ -162,16 +163,16 @@ fn begin_function(t: &str, names: &Names) -> String {
             -- that had already run out. The row is locked first, since an
             -- `UPDATE` that waits computes its new row before it waits,
             -- and keeps it if the holder rolled back.
-            PERFORM 1 FROM {t} AS r WHERE r.key = k FOR UPDATE;
+            PERFORM 1 FROM {t} AS r WHERE r.key = k FOR NO KEY UPDATE;
+            lease_end := clock_timestamp() + lease_ms * interval '1 millisecond';
             UPDATE {t} AS r SET
                 fingerprint = fp, state = {IN_FLIGHT}, token = tok,
-                lease_until = clock_timestamp() + lease_ms * interval '1 millisecond',
+                lease_until = lease_end,
                 response = NULL,
                 effect = r.effect AND r.expires_at > now(),
                 expires_at = CASE WHEN r.effect AND r.expires_at > now()
-                                  THEN greatest(r.expires_at,
-                                                clock_timestamp() + lease_ms * interval '1 millisecond')
-                                  ELSE clock_timestamp() + lease_ms * interval '1 millisecond' END
+                                  THEN greatest(r.expires_at, lease_end)
+                                  ELSE lease_end END
             WHERE r.key = k
               AND (r.expires_at <= now()
                    OR (r.state = {IN_FLIGHT} AND r.effect AND r.lease_until <= now()
@@ -232,7 +233,7 @@ impl Statements {
             renew: format!(
                 "WITH held AS (
                     SELECT key FROM {t} WHERE key = $1 AND token = $2 AND state = {IN_FLIGHT}
-                    FOR UPDATE
+                    FOR NO KEY UPDATE
                  )
                  UPDATE {t} AS r SET lease_until = clock_timestamp() + $3 * interval '1 millisecond',
                         expires_at = CASE WHEN r.effect
