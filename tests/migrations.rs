@@ -120,6 +120,17 @@ async fn earlier_table(pool: &sqlx::PgPool) {
     .unwrap();
 }
 
+/// Whether the table has the column the migration adds last.
+async fn has_effect_column(pool: &sqlx::PgPool) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT FROM pg_attribute
+         WHERE attrelid = 'idempotency_records'::regclass AND attname = 'effect')",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap()
+}
+
 /// Adding a column to a table of an earlier build needs a lock that no
 /// other transaction holds. While one holds the table, the migration waits
 /// for it a while at a time: a query arriving meanwhile is never queued
@@ -177,14 +188,7 @@ async fn a_migration_waiting_for_a_busy_table_holds_up_no_other_query() {
         .await
         .unwrap()
         .expect("the migration lands once the table is free");
-    let effect: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_attribute
-         WHERE attrelid = 'idempotency_records'::regclass AND attname = 'effect'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(effect, 1);
+    assert!(has_effect_column(&pool).await);
 }
 
 /// A table of an earlier build that is never free of other transactions,
@@ -236,14 +240,7 @@ async fn a_migration_on_a_table_never_free_of_transactions_lands() {
     migrated
         .expect("the migration lands while the table is in use")
         .unwrap();
-    let effect: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_attribute
-         WHERE attrelid = 'idempotency_records'::regclass AND attname = 'effect'",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
-    assert_eq!(effect, 1);
+    assert!(has_effect_column(&pool).await);
 }
 
 /// A table as the first builds made it is brought up to date by `migrate`, and its store then takes,
