@@ -27,12 +27,20 @@ type Handler = tower::util::BoxCloneSyncService<
     std::convert::Infallible,
 >;
 
-/// Runs per key, for a handler that takes `delay` and answers 201.
+/// Runs per key, for a handler that answers 201.
 #[derive(Clone, Default)]
 struct RunsPerKey(Arc<Mutex<HashMap<String, usize>>>);
 
 impl RunsPerKey {
-    fn handler(&self, delay: Duration) -> Handler {
+    /// A handler that answers at once.
+    fn handler(&self) -> Handler {
+        self.handler_held_until(tokio::sync::watch::channel(true).1)
+    }
+
+    /// A handler that answers once `released` turns true, or after
+    /// [`HELD_AT_MOST`], so that a test which fails before it releases
+    /// them ends all the same.
+    fn handler_held_until(&self, released: tokio::sync::watch::Receiver<bool>) -> Handler {
         let runs = self.clone();
         tower::util::BoxCloneSyncService::new(tower::service_fn(
             move |request: Request<RequestBody<Full<Bytes>>>| {
@@ -41,14 +49,20 @@ impl RunsPerKey {
                     .unwrap()
                     .to_owned();
                 *runs.0.lock().unwrap().entry(key).or_default() += 1;
+                let mut released = released.clone();
                 async move {
-                    tokio::time::sleep(delay).await;
+                    let _ = tokio::time::timeout(HELD_AT_MOST, released.wait_for(|go| *go)).await;
                     let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
                     *response.status_mut() = StatusCode::CREATED;
                     Ok(response)
                 }
             },
         ))
+    }
+
+    /// Keys whose handler has started.
+    fn started(&self) -> usize {
+        self.0.lock().unwrap().len()
     }
 
     fn twice(&self) -> usize {
@@ -116,7 +130,7 @@ async fn records_spread_over_every_master_of_the_cluster() {
     let runs = RunsPerKey::default();
     let svc = layer_on_the_shared_cluster(&prefix)
         .await
-        .layer(runs.handler(Duration::ZERO));
+        .layer(runs.handler());
     for i in 0..300 {
         let response = tower::ServiceExt::oneshot(
             svc.clone(),
@@ -141,7 +155,7 @@ async fn records_under_a_hash_tagged_prefix_share_one_master() {
     let runs = RunsPerKey::default();
     let svc = layer_on_the_shared_cluster(&prefix)
         .await
-        .layer(runs.handler(Duration::ZERO));
+        .layer(runs.handler());
     let keys: Vec<String> = (0..20).map(|i| format!("k{i}")).collect();
     first_uses_then_replays(&svc, &keys).await;
     assert_eq!(runs.twice(), 0);
@@ -250,21 +264,21 @@ async fn complete_during_migration(server: String) {
     }
 }
 
-/// How long each request of a failover test runs: long enough for the
-/// failover and every retry to happen while the first requests still run.
-const HANDLER_TIME: Duration = Duration::from_secs(15);
+/// How long a failover test's first requests are held at most, should
+/// the test fail before it releases them: shorter than the lease.
+const HELD_AT_MOST: Duration = Duration::from_secs(45);
 
-/// Long enough that no lease of a failover test is renewed while its
-/// request runs (the first renewal comes a third of a lease in): a
-/// renewal runs a script, which the Valkey test counts as none.
+/// Longer than any request of a failover test is held, so that no lock
+/// depends on a renewal, which the failover could cut off.
 const FAILOVER_LEASE: Duration = Duration::from_secs(60);
 
 /// What a failover does to locks held on the master that fails, on a
-/// cluster of `server`s: 12 long requests take their locks, the master of
-/// one shard is killed, its replica takes over, and every key is retried
-/// while the first requests still run, through a store without replica
-/// acks, so that a lock that survived answers 409 and a lost one runs
-/// again; once the first requests are done, every key is sent once more.
+/// cluster of `server`s: 12 requests take their locks and are held, the
+/// master of one shard is killed once each holds its lock or was refused
+/// one, its replica takes over, and every key is retried while the first
+/// requests are still held, through a store without replica acks, so
+/// that a lock that survived answers 409 and a lost one runs again; then
+/// the first requests are released, and every key is sent once more.
 async fn failover_while_locks_are_held(
     server: &str,
     replica_acks: bool,
@@ -280,7 +294,8 @@ async fn failover_while_locks_are_held(
     }
     let runs = RunsPerKey::default();
     let layer = IdempotencyLayer::new(store).with_lease(FAILOVER_LEASE);
-    let svc = common::app(&layer, runs.handler(HANDLER_TIME));
+    let (release, released) = tokio::sync::watch::channel(false);
+    let svc = common::app(&layer, runs.handler_held_until(released));
     let victim = cluster.masters()[0];
     let replica = cluster.replica_of(victim);
     if lagging_replica {
@@ -297,7 +312,20 @@ async fn failover_while_locks_are_held(
         .iter()
         .map(|key| common::spawn_send(&svc, post("/payments", Some(key), "{}")))
         .collect();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // A request whose lock is not yet taken when the master fails would
+    // be refused, which a healthy replica's test counts as a lost lock.
+    let settled = tokio::time::timeout(Duration::from_secs(30), async {
+        while runs.started() + firsts.iter().filter(|first| first.is_finished()).count()
+            < keys.len()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        settled.is_ok(),
+        "every first request holds its lock or was refused"
+    );
     cluster.node(victim).kill();
     if lagging_replica {
         cluster.node(replica).signal("CONT");
@@ -308,11 +336,11 @@ async fn failover_while_locks_are_held(
     })
     .await
     .unwrap();
-    // Every key again, while the first requests still run.
+    // Every key again, while the first requests are held.
     let plain = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
     let retries = common::app(
         &IdempotencyLayer::new(plain).with_lease(FAILOVER_LEASE),
-        runs.handler(HANDLER_TIME),
+        runs.handler(),
     );
     let mut found = 0;
     for key in &keys {
@@ -327,6 +355,7 @@ async fn failover_while_locks_are_held(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    release.send(true).unwrap();
     let mut refused = 0;
     for first in firsts {
         let (head, _) = first.await.unwrap();
@@ -417,7 +446,7 @@ async fn a_lost_shard_fails_only_its_own_keys() {
         .unwrap();
     let store = RedisStore::connect_cluster(cluster.urls()).await.unwrap();
     let runs = RunsPerKey::default();
-    let svc = common::app(&IdempotencyLayer::new(store), runs.handler(Duration::ZERO));
+    let svc = common::app(&IdempotencyLayer::new(store), runs.handler());
     let before: Vec<String> = (0..30).map(|i| format!("before-{i}")).collect();
     for key in &before {
         assert_eq!(
@@ -523,7 +552,7 @@ async fn first_uses_on_a_valkey_cluster_run_no_script() {
         .await
         .expect("connect to the cluster");
     let runs = RunsPerKey::default();
-    let svc = IdempotencyLayer::new(store).layer(runs.handler(Duration::ZERO));
+    let svc = IdempotencyLayer::new(store).layer(runs.handler());
     let keys: Vec<String> = (0..30).map(|_| unique_key("native")).collect();
     first_uses_then_replays(&svc, &keys).await;
     assert_eq!(runs.twice(), 0);
