@@ -38,8 +38,8 @@ impl RunsPerKey {
     }
 
     /// A handler that answers once `released` turns true, or after
-    /// [`HELD_AT_MOST`], so that a test which fails before it releases
-    /// them ends all the same.
+    /// [`HELD_AT_MOST`], so that a slow test's requests end within their
+    /// lease.
     fn handler_held_until(&self, released: tokio::sync::watch::Receiver<bool>) -> Handler {
         let runs = self.clone();
         tower::util::BoxCloneSyncService::new(tower::service_fn(
@@ -274,8 +274,9 @@ const FAILOVER_LEASE: Duration = Duration::from_secs(60);
 
 /// What a failover does to locks held on the master that fails, on a
 /// cluster of `server`s: 12 requests take their locks and are held, the
-/// master of one shard is killed once each holds its lock or was refused
-/// one, its replica takes over, and every key is retried while the first
+/// master of one shard is killed (once each holds its lock or was refused
+/// one; with a lagging replica and replica acks, while one waits for its
+/// ack), its replica takes over, and every key is retried while the first
 /// requests are still held, through a store without replica acks, so
 /// that a lock that survived answers 409 and a lost one runs again; then
 /// the first requests are released, and every key is sent once more.
@@ -308,24 +309,32 @@ async fn failover_while_locks_are_held(
             .cli(&["client", "kill", "type", "replica"]);
     }
     let keys: Vec<String> = (0..12).map(|i| format!("failover-{i}")).collect();
+    let held_since = std::time::Instant::now();
     let firsts: Vec<_> = keys
         .iter()
         .map(|key| common::spawn_send(&svc, post("/payments", Some(key), "{}")))
         .collect();
-    // A request whose lock is not yet taken when the master fails would
-    // be refused, which a healthy replica's test counts as a lost lock.
+    // With a lagging replica and replica acks, the master fails while a
+    // request waits for its lock's ack. Otherwise once every request
+    // holds its lock (or was refused one): a lock taken only after the
+    // failover would be no test of it.
+    let mut victim_waits_for_an_ack = || cluster.node(victim).cli(&["dbsize"]).trim() != "0";
     let settled = tokio::time::timeout(Duration::from_secs(30), async {
-        while runs.started() + firsts.iter().filter(|first| first.is_finished()).count()
-            < keys.len()
-        {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        loop {
+            let ready = if lagging_replica && replica_acks {
+                victim_waits_for_an_ack()
+            } else {
+                let done = firsts.iter().filter(|first| first.is_finished()).count();
+                runs.started() + done == keys.len()
+            };
+            if ready {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
-    assert!(
-        settled.is_ok(),
-        "every first request holds its lock or was refused"
-    );
+    assert!(settled.is_ok(), "the first requests took their locks");
     cluster.node(victim).kill();
     if lagging_replica {
         cluster.node(replica).signal("CONT");
@@ -355,6 +364,10 @@ async fn failover_while_locks_are_held(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+    assert!(
+        held_since.elapsed() < HELD_AT_MOST,
+        "the first requests may have been let go before their retries: nothing was tested"
+    );
     release.send(true).unwrap();
     let mut refused = 0;
     for first in firsts {
@@ -386,7 +399,7 @@ struct Failover {
     twice: usize,
     /// Keys whose first request was refused with 503.
     refused: usize,
-    /// Keys whose retry, while the first request ran, found its lock.
+    /// Keys whose retry, while the first request was held, found its lock.
     found: usize,
     /// Keys that replayed once every request was done.
     replayed: usize,
@@ -414,8 +427,9 @@ async fn failover_with_replica_acks_never_runs_a_key_twice() {
     failover_with_a_healthy_replica_and_replica_acks("redis-server").await;
 }
 
-/// On Valkey, where each completion is a native `SET … IFEQ` against the
-/// lock the new master kept.
+/// On Valkey, whose completions are native `SET … IFEQ`s against the lock
+/// the new master kept (a completion the failover cut off is retried
+/// through the script).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_on_valkey_with_replica_acks_never_runs_a_key_twice() {
     failover_with_a_healthy_replica_and_replica_acks(&valkey_server()).await;
