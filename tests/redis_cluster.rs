@@ -264,8 +264,8 @@ async fn complete_during_migration(server: String) {
     }
 }
 
-/// How long a failover test's first requests are held at most, should
-/// the test fail before it releases them: shorter than the lease.
+/// How long a failover test's first requests are held at most: shorter
+/// than the lease, so that a slow test's held locks never lapse.
 const HELD_AT_MOST: Duration = Duration::from_secs(45);
 
 /// Longer than any request of a failover test is held, so that no lock
