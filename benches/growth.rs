@@ -5,10 +5,19 @@
 //!
 //! `cargo bench --bench growth` inserts 4,000,000 records one by one and
 //! prints, per million, the p99, p99.9 and largest time of one first use
-//! (`begin` + `complete`); then the same while another thread sweeps the
-//! whole store again and again.
+//! (`begin` + `complete`), and of the replays another thread makes
+//! meanwhile of 10,000 keys stored before: a first use that grows its
+//! shard's table pays for the growth itself, while a replay waits only as
+//! long as some other request holds its shard's lock. Then the first uses
+//! again while another thread sweeps the whole store again and again.
 
-use std::time::{Duration, Instant};
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
 
 use bytes::Bytes;
 use tower_idempotency::{
@@ -18,6 +27,7 @@ use tower_idempotency::{
 };
 
 const RECORDS: u64 = 4_000_000;
+const REPLAYED: u64 = 10_000;
 const STEP: u64 = 1_000_000;
 const FP: Fingerprint = Fingerprint::from_bytes([3; 32]);
 
@@ -72,25 +82,72 @@ fn main() {
         None,
     );
     let key = |i: u64| RecordKey::new(b"growth", &i.to_string());
+    let replayed = |i: u64| RecordKey::new(b"replayed", &i.to_string());
     runtime.block_on(async {
-        println!("first use while the store grows (one thread):");
+        for i in 0..REPLAYED {
+            first_use(&store, &replayed(i), &record).await;
+        }
+    });
+    let grown = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let replayer = {
+        let (store, grown, done) = (store.clone(), Arc::clone(&grown), Arc::clone(&done));
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut times = vec![Vec::new(); (RECORDS / STEP) as usize];
+            runtime.block_on(async {
+                for i in (0..REPLAYED).cycle() {
+                    if done.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let window = (grown.load(Ordering::Relaxed) / STEP) as usize;
+                    let started = Instant::now();
+                    let outcome = store
+                        .begin(&replayed(i), &FP, Duration::from_secs(600))
+                        .await;
+                    let took = started.elapsed();
+                    assert!(matches!(outcome, Ok(BeginOutcome::Completed(_))));
+                    if let Some(window) = times.get_mut(window) {
+                        window.push(took);
+                    }
+                }
+            });
+            times
+        })
+    };
+    let mut first_uses = Vec::new();
+    runtime.block_on(async {
         for step in 0..RECORDS / STEP {
             let mut times = Vec::with_capacity(STEP as usize);
             for i in step * STEP..(step + 1) * STEP {
                 times.push(first_use(&store, &key(i), &record).await);
+                grown.store(i + 1, Ordering::Relaxed);
             }
-            report(&format!("{} to {} M records", step, step + 1), &mut times);
+            first_uses.push(times);
         }
     });
+    done.store(true, Ordering::Relaxed);
+    let replays = replayer.join().unwrap();
+    println!("first use while the store grows, and replays of other keys beside it:");
+    for (step, (mut firsts, mut replays)) in first_uses.into_iter().zip(replays).enumerate() {
+        report(&format!("{} to {} M records", step, step + 1), &mut firsts);
+        report(
+            &format!("  replays beside them ({})", replays.len()),
+            &mut replays,
+        );
+    }
 
     println!("first use while another thread sweeps the whole store:");
     let sweeper = {
         let store = store.clone();
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let running = std::sync::Arc::clone(&stop);
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = Arc::clone(&stop);
         let handle = std::thread::spawn(move || {
             let mut sweeps = 0;
-            while !running.load(std::sync::atomic::Ordering::Relaxed) {
+            while !running.load(Ordering::Relaxed) {
                 store.sweep();
                 sweeps += 1;
             }
@@ -105,7 +162,7 @@ fn main() {
         }
         report("beside a sweep", &mut times);
     });
-    sweeper.1.store(true, std::sync::atomic::Ordering::Relaxed);
+    sweeper.1.store(true, Ordering::Relaxed);
     let sweeps = sweeper.0.join().unwrap();
     println!("({sweeps} whole sweeps ran meanwhile)");
 }
