@@ -106,10 +106,11 @@ fn main() {
                 .build()
                 .unwrap();
             let keys: Vec<RecordKey> = (0..REPLAYED).map(replayed).collect();
-            // Room for every window's times from the start: a vector that
-            // grows by copying itself would stall the replays it times.
-            let mut times: Vec<Vec<Duration>> = (0..RECORDS / STEP)
-                .map(|_| Vec::with_capacity(4 * STEP as usize))
+            // Every window's times written once before the clock starts:
+            // a vector that grew, or wrote its first byte to a fresh page,
+            // would stall the replays it times on the kernel.
+            let mut times: Vec<(Vec<Duration>, usize)> = (0..RECORDS / STEP)
+                .map(|_| (vec![Duration::ZERO; 4 * STEP as usize], 0))
                 .collect();
             runtime.block_on(async {
                 for key in keys.iter().cycle() {
@@ -121,12 +122,21 @@ fn main() {
                     let outcome = store.begin(key, &FP, Duration::from_secs(600)).await;
                     let took = started.elapsed();
                     assert!(matches!(outcome, Ok(BeginOutcome::Completed(_))));
-                    if let Some(window) = times.get_mut(window) {
-                        window.push(took);
+                    if let Some((window, len)) = times.get_mut(window) {
+                        if let Some(slot) = window.get_mut(*len) {
+                            *slot = took;
+                            *len += 1;
+                        }
                     }
                 }
             });
             times
+                .into_iter()
+                .map(|(mut window, len)| {
+                    window.truncate(len);
+                    window
+                })
+                .collect::<Vec<_>>()
         })
     };
     let mut first_uses = Vec::new();
