@@ -203,8 +203,9 @@ impl MemoryStore {
 /// Enough shards that one holds about a thousand records when the store is
 /// full: a shard's table doubles, and the sweep walks it, under that
 /// shard's lock, so its size bounds how long any request can wait on it
-/// (tens of microseconds, rather than tens of milliseconds for eight
-/// shards of a million records).
+/// (a few hundred microseconds at most where the doubling faults in fresh
+/// memory, rather than tens of milliseconds for eight shards of a million
+/// records).
 fn shards_for(limits: &MemoryLimits) -> usize {
     (limits.max_entries / 1024)
         .next_power_of_two()
