@@ -36,10 +36,11 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p) as usize).min(sorted.len() - 1)]
 }
 
-/// Each record is a copy of its own: one shared handle would make every
-/// store and replay count on a single atomic, a cache line both threads
-/// fight over outside any shard's lock.
-async fn first_use(store: &MemoryStore, key: &RecordKey, record: Bytes) -> Duration {
+/// Stores a copy of `record` of its own, made before the clock starts: one
+/// shared handle would make every store and replay count on a single
+/// atomic, a cache line both threads fight over outside any shard's lock.
+async fn first_use(store: &MemoryStore, key: &RecordKey, record: &Bytes) -> Duration {
+    let record = Bytes::copy_from_slice(record);
     let started = Instant::now();
     let Ok(BeginOutcome::Acquired(token)) = store.begin(key, &FP, Duration::from_secs(600)).await
     else {
@@ -93,7 +94,7 @@ fn main() {
     let replayed = |i: u64| RecordKey::new(b"replayed", &i.to_string());
     runtime.block_on(async {
         for i in 0..REPLAYED {
-            first_use(&store, &replayed(i), Bytes::copy_from_slice(&record)).await;
+            first_use(&store, &replayed(i), &record).await;
         }
     });
     let grown = Arc::new(AtomicU64::new(0));
@@ -144,8 +145,7 @@ fn main() {
         for step in 0..RECORDS / STEP {
             let mut times = Vec::with_capacity(STEP as usize);
             for i in step * STEP..(step + 1) * STEP {
-                let copy = Bytes::copy_from_slice(&record);
-                times.push(first_use(&store, &key(i), copy).await);
+                times.push(first_use(&store, &key(i), &record).await);
                 grown.store(i + 1, Ordering::Relaxed);
             }
             first_uses.push(times);
@@ -180,8 +180,7 @@ fn main() {
     runtime.block_on(async {
         let mut times = Vec::with_capacity(STEP as usize / 4);
         for i in RECORDS..RECORDS + STEP / 4 {
-            let copy = Bytes::copy_from_slice(&record);
-            times.push(first_use(&store, &key(i), copy).await);
+            times.push(first_use(&store, &key(i), &record).await);
         }
         report("beside a sweep", &mut times);
     });
